@@ -1,0 +1,24 @@
+"""Shared by the stage scripts: run an `endopheno` command with arguments taken from params.yaml, so a
+stage behaves exactly like the command a user would type."""
+
+import sys
+
+from endopheno.cli import main
+from endopheno.params import load_params
+
+
+def run(command: str, options: dict) -> None:
+    """Run `endopheno <command>` with `--key value` for every option that is set (True -> a flag)."""
+    args = [command]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value not in (None, False):
+            args += [flag, str(value)]
+    sys.argv = ["endopheno", *args]
+    main()
+
+
+def params(section: str) -> dict:
+    return load_params(section)

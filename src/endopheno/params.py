@@ -1,0 +1,24 @@
+"""Reading `params.yaml`, the one place every knob of the pipeline lives."""
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from endopheno.errors import EndophenoError
+
+
+def load_params(section: str | None = None, path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Return `params.yaml` (or one top-level section of it) as a dict."""
+    path = Path(path)
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise EndophenoError(f"{path}: no such parameter file") from None
+    except yaml.YAMLError as e:
+        raise EndophenoError(f"{path}: not valid YAML ({e})") from None
+    if section is None:
+        return params
+    if section not in params:
+        raise EndophenoError(f"{path}: has no section '{section}'")
+    return params[section]

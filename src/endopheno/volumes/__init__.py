@@ -1,0 +1,1 @@
+"""Volumes: NIfTI files -> the Zarr volume store (native and template space)."""

@@ -1,0 +1,57 @@
+"""Quality-control outputs of preprocessing: a per-subject table and a montage to look at."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import xarray as xr  # noqa: E402
+
+
+def qc_table(ds: xr.Dataset) -> pd.DataFrame:
+    """One row per subject: correlation with the template, pass/fail, note."""
+    return pd.DataFrame({
+        "subject": ds["subject"].values.astype(str), "qc_correlation": ds["qc_correlation"].values.round(4),
+        "qc_pass": ds["qc_pass"].values, "note": ds["note"].values.astype(str),
+    })
+
+
+def montage(ds: xr.Dataset, out: str | Path, modality: str = "T1w", n: int = 12) -> Path:
+    """Mid axial, coronal and sagittal slices of `n` subjects (the worst QC first, then evenly spread),
+    with the template's brain outline on top, so misregistration shows as a shifted contour."""
+    corr = ds["qc_correlation"].values
+    done = np.flatnonzero(np.isfinite(corr))
+    if done.size == 0:
+        raise ValueError("no preprocessed subject to show")
+    order = done[np.argsort(corr[done])]
+    worst = list(order[: max(1, n // 3)])
+    rest = [i for i in order[np.linspace(0, len(order) - 1, n).astype(int)] if i not in worst]
+    picks = (worst + rest)[:n]
+    mask = ds["brain_mask"].values.astype(float)
+    mid = [s // 2 for s in mask.shape]
+    cuts = [("axial", lambda v: v[:, :, mid[2]]), ("coronal", lambda v: v[:, mid[1], :]), ("sagittal", lambda v: v[mid[0], :, :])]
+    fig, axes = plt.subplots(len(picks), 3, figsize=(6.0, 2.0 * len(picks)), squeeze=False)
+    for row, i in enumerate(picks):
+        vol = ds[modality].isel(subject=int(i)).values
+        for col, (name, cut) in enumerate(cuts):
+            ax = axes[row, col]
+            ax.imshow(cut(vol).T, origin="lower", cmap="gray", vmin=-2.5, vmax=2.5)
+            ax.contour(cut(mask).T, levels=[0.5], colors="tab:red", linewidths=0.6)
+            ax.set_xticks([]), ax.set_yticks([])
+            if col == 0:
+                ok = "pass" if bool(ds["qc_pass"].values[i]) else "FLAGGED"
+                ax.set_ylabel(f"{ds['subject'].values[i]}\nr={corr[i]:.3f} {ok}", fontsize=7)
+            if row == 0:
+                ax.set_title(name, fontsize=8)
+    fig.suptitle(f"{modality} in MNI space, template brain outline in red", fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
