@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -47,12 +48,13 @@ def phantom(
     from endopheno.params import load_params
     from endopheno.phantom import generate
 
+    t0 = time.perf_counter()
     p = load_params("phantom", params)
     if second_population is not None:
         p["genetics"]["second_population_fraction"] = second_population
     summary = generate(out, p, subjects=subjects, seed=seed, workers=workers)
     err.print(f"phantom: {summary['subjects']} subjects ({summary['AD']} AD), {summary['variants']} variants, "
-              f"{summary['causal']} causal, written to {summary['out']}")
+              f"{summary['causal']} causal, written to {summary['out']} in {time.perf_counter() - t0:.1f} s")
 
 
 @app.command()
@@ -69,11 +71,13 @@ def ingest(
 
     if (bids is None) == (manifest is None):
         raise EndophenoError("ingest: give exactly one of --bids DIR or --manifest FILE.csv")
+    t0 = time.perf_counter()
     inputs, rejected = inputs_from_bids(bids) if bids else inputs_from_manifest(manifest)
     report = run(inputs, store, rejected=rejected, workers=workers, scheduler=scheduler)
     for what, reason in report.rejected:
         err.print(f"[red]rejected[/red] {what}: {reason}", soft_wrap=True)
-    err.print(report.summary())
+    seconds = time.perf_counter() - t0
+    err.print(f"{report.summary()} in {seconds:.1f} s ({len(report.ingested) / seconds:.1f} volumes/s)")
     if report.rejected and not allow_rejected:
         raise typer.Exit(1)
 
@@ -94,7 +98,9 @@ def preprocess(
 
     section = load_params(None, params).get("preprocess", {}) if params.exists() else {}
     p = PreprocessParams.from_dict({**section, **({"voxel_size_mm": voxel_size} if voxel_size else {})})
+    t0 = time.perf_counter()
     report = run(store, p, workers=workers, scheduler=scheduler)
+    seconds = time.perf_counter() - t0
     for subject, reason in report.failed:
         err.print(f"[red]failed[/red] subject {subject}: {reason}", soft_wrap=True)
     for subject, corr in report.qc_failed:
@@ -104,7 +110,7 @@ def preprocess(
     ds = open_mni(store)
     qc_table(ds).to_csv(qc_dir / "qc.tsv", sep="\t", index=False)
     montage(ds, qc_dir / "montage.png", p.modality)
-    err.print(report.summary() + f"; QC in {qc_dir}")
+    err.print(f"{report.summary()} in {seconds:.1f} s ({60 * len(report.processed) / seconds:.1f} subjects/min); QC in {qc_dir}")
     if report.failed:
         raise typer.Exit(1)
 

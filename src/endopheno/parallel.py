@@ -82,6 +82,9 @@ def map_items(
         environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}),
                    "MALLOC_TRIM_THRESHOLD_": str(2**30), "MALLOC_MMAP_THRESHOLD_": str(2**28)}
 
+        for name in list(logging.root.manager.loggerDict):  # distributed sets its own INFO levels on import
+            if name.startswith("distributed"):
+                logging.getLogger(name).setLevel(logging.ERROR)
         if scheduler:
             cluster, client = None, Client(scheduler)
         else:

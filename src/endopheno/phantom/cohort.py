@@ -7,13 +7,17 @@ cohort whatever the number of workers.
 Effect model, on the log volume of region r of subject i (all effects are relative changes):
 
     log V_ir = log(1 + ad_r) * severity_i + log(1 + age_r) * (age_i - reference_age)
-               + region_sd * (sqrt(1 - h2_r) z_ir + sum_causal sqrt(h2) * standardised dosage_i)
+               + region_sd * sum_causal sqrt(h2) * standardised dosage_i
+               + sqrt(region_sd^2 (1 - sum h2) - warp_var_r) * z_ir
                + population shift
     severity_i = 0 for CN, ~ N(1, severity_sd) clipped at 0 for AD (mild AD overlaps CN, as MCI does)
 
-z_ir is normal, correlated between the two hemispheres of a region. On top of this come the head size
-(scaled by sex), a global atrophy by age and diagnosis, and the random warp; the volumes written to
-ground_truth/subjects.tsv are measured on the final anatomy, so they are the truth whatever the model.
+z_ir is normal, correlated between the two hemispheres of a region; warp_var_r is the variance the random
+warp itself gives the region's log volume (estimated on a few warps), so that the total between-subject
+SD given diagnosis and age is region_sd and each causal variant explains its h2 of that variance.
+On top of this come the head size (scaled by sex) and a global atrophy by age and diagnosis; the volumes
+written to ground_truth/subjects.tsv are measured on the final anatomy, so they are the truth whatever
+the model.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
@@ -67,7 +70,15 @@ def _render_subject(task: dict[str, Any], bids: Path) -> dict[str, float]:
     return anatomy.region_volumes()
 
 
-def _subject_effects(p: dict, n: int, severity: np.ndarray, age: np.ndarray, population: np.ndarray, causal_std: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+def warp_variance(anatomy_params: dict, seed: int, n: int = 16) -> dict[str, float]:
+    """Variance of each region's log volume due to the random warp alone, over `n` warps."""
+    rng = np.random.default_rng([seed, 2**20])
+    logs = [Anatomy(1.0, 0.0, {}, random_warp(rng, anatomy_params["warp_sd_mm"], anatomy_params["warp_smoothness_mm"])).region_volumes()
+            for _ in range(n)]
+    return {r.name: float(np.var([np.log(v[r.name]) for v in logs], ddof=1)) for r in REGIONS}
+
+
+def _subject_effects(p: dict, n: int, severity: np.ndarray, age: np.ndarray, population: np.ndarray, causal_std: dict[str, np.ndarray], warp_var: dict[str, float], rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Log volume factor per region (name -> (n,)) from the effect model in the module docstring."""
     effects, sd, ref = p["effects"], p["region_sd"], p["reference_age"]
     groups = sorted({r.group for r in REGIONS})
@@ -79,9 +90,12 @@ def _subject_effects(p: dict, n: int, severity: np.ndarray, age: np.ndarray, pop
         z = np.sqrt(rho) * shared[region.group] + np.sqrt(1 - rho) * rng.standard_normal(n)
         genetic = causal_std.get(region.name, [])
         h2 = sum(h for h, _ in genetic)
-        individual = np.sqrt(max(1 - h2, 0.0)) * z + sum(np.sqrt(h) * g for h, g in genetic)
+        residual_var = sd**2 * (1 - h2) - warp_var[region.name]
+        if residual_var < 0:
+            log.warning("region %s: the random warp alone varies its volume more than region_sd", region.name)
+        individual = np.sqrt(max(residual_var, 0.0)) * z + sd * sum(np.sqrt(h) * g for h, g in genetic)
         shift = p["genetics"]["population_shift_sd"] * sd * population if region.tissue == "gm" else 0.0
-        log_f[region.name] = np.log1p(e["ad"]) * severity + np.log1p(e["age_per_year"]) * (age - ref) + sd * individual + shift
+        log_f[region.name] = np.log1p(e["ad"]) * severity + np.log1p(e["age_per_year"]) * (age - ref) + individual + shift
     return log_f
 
 
@@ -136,7 +150,7 @@ def generate(out: str | Path, params: dict[str, Any], *, subjects: int | None = 
         beta_log_volume_per_allele=betas,
     )
 
-    log_f = _subject_effects(p, n, severity, age, population, causal_std, rng)
+    log_f = _subject_effects(p, n, severity, age, population, causal_std, warp_variance(a, seed), rng)
     gains = {r.name: contraction_gain(r) for r in REGIONS}
     contraction = {name: np.clip(-lf / gains[name], -0.3, 0.6) for name, lf in log_f.items()}
     wb = p["effects"]["whole_brain"]

@@ -22,7 +22,7 @@ from endopheno import __version__
 from endopheno.errors import EndophenoError, InputError
 from endopheno.parallel import map_items
 from endopheno.volumes.nifti import read_volume
-from endopheno.volumes.store import NATIVE, ScanKey, clean_staging, ensure_groups, header_attrs, native_attrs, open_store, write_native
+from endopheno.volumes.store import NATIVE, ScanKey, clean_staging, ensure_groups, header_attrs, native_attrs, open_store, publish, write_native
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def ingest_one(item: ScanInput, store: str, previous_sha256: str | None) -> str:
         return "unchanged"
     attrs = {
         "subject_id": item.key.subject_id, "session": item.key.session, "modality": item.key.modality,
-        **header_attrs(volume.image), "shape": list(volume.raw.shape), "dtype": str(volume.raw.dtype),
+        **header_attrs(volume.image, volume.header_bytes), "shape": list(volume.raw.shape), "dtype": str(volume.raw.dtype),
         "source": source, "notes": volume.notes,
         "ingested_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "endopheno_version": __version__,
     }
@@ -185,6 +185,7 @@ def ingest(inputs: list[ScanInput], store: str | Path, *, rejected: list[tuple[s
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "ingested": len(report.ingested),
         "unchanged": len(report.unchanged), "rejected": [{"what": w, "reason": r} for w, r in report.rejected],
     }
+    publish(store)
     return report
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,17 +29,18 @@ class Volume:
 
     raw: np.ndarray
     image: nib.Nifti1Image
+    header_bytes: bytes  # the file's bytes before the voxels: header, extensions, padding
     sha256: str
     notes: list[str]
 
 
-def _parse(raw_bytes: bytes, path: Path) -> nib.Nifti1Image:
+def _parse(raw_bytes: bytes, path: Path) -> tuple[nib.Nifti1Image, bytes]:
     if path.name.endswith(".gz"):
+        if raw_bytes[:2] != b"\x1f\x8b":
+            raise InputError(path, "not a gzip file, though its name ends in .gz")
         try:
             raw_bytes = gzip.decompress(raw_bytes)
-        except gzip.BadGzipFile:
-            raise InputError(path, "not a gzip file, though its name ends in .gz") from None
-        except (EOFError, zlib.error) as e:
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
             raise InputError(path, f"truncated or corrupt gzip data ({e})") from None
     if len(raw_bytes) < 348:
         raise InputError(path, f"not a NIfTI file (only {len(raw_bytes)} bytes)")
@@ -47,9 +49,12 @@ def _parse(raw_bytes: bytes, path: Path) -> nib.Nifti1Image:
     if klass is None:
         raise InputError(path, "not a NIfTI file (bad header size field)")
     try:
-        return klass.from_bytes(raw_bytes)
+        img = klass.from_bytes(raw_bytes)
     except Exception as e:  # noqa: BLE001 - nibabel raises many kinds for a bad header
         raise InputError(path, f"not a valid NIfTI file ({e})") from None
+    # The loaded header has vox_offset reset to 0 by nibabel; the file's own header knows where voxels start.
+    offset = int(klass.header_class.from_fileobj(io.BytesIO(raw_bytes), check=False)["vox_offset"])
+    return img, raw_bytes[:offset]
 
 
 def read_volume(path: str | Path) -> Volume:
@@ -68,7 +73,7 @@ def read_volume(path: str | Path) -> Volume:
     except IsADirectoryError:
         raise InputError(path, "is a directory, not a file") from None
     sha256 = hashlib.sha256(raw_bytes).hexdigest()
-    img = _parse(raw_bytes, path)
+    img, header_bytes = _parse(raw_bytes, path)
     notes = []
 
     shape = img.shape
@@ -102,4 +107,4 @@ def read_volume(path: str | Path) -> Volume:
         raise InputError(path, "empty volume (all voxels are zero)")
     if raw.min() == raw.max():
         raise InputError(path, f"constant volume (every voxel is {raw.flat[0]})")
-    return Volume(raw=raw, image=img, sha256=sha256, notes=notes)
+    return Volume(raw=raw, image=img, header_bytes=header_bytes, sha256=sha256, notes=notes)

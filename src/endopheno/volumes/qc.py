@@ -16,8 +16,8 @@ import xarray as xr  # noqa: E402
 def qc_table(ds: xr.Dataset) -> pd.DataFrame:
     """One row per subject: correlation with the template, pass/fail, note."""
     return pd.DataFrame({
-        "subject": ds["subject"].values.astype(str), "qc_correlation": ds["qc_correlation"].values.round(4),
-        "qc_pass": ds["qc_pass"].values, "note": ds["note"].values.astype(str),
+        "subject": [str(s) for s in ds["subject"].values], "qc_correlation": ds["qc_correlation"].values.round(4),
+        "qc_pass": ds["qc_pass"].values, "note": [str(s) for s in ds["note"].values],
     })
 
 

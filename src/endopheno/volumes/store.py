@@ -7,16 +7,20 @@ volumes in template space.
 
 A native volume is written in a staging folder beside the store and renamed into place, so a reader
 (or a crash) never sees half a volume; the NIfTI it came from can be rebuilt exactly with `read_native`.
+After each run the hierarchy's metadata is published as the root's consolidated metadata (`publish`),
+which is what `xr.open_zarr` reads: a reader sees the store as of the last completed step.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,10 @@ import zarr
 from endopheno.errors import EndophenoError
 
 NATIVE, MNI = "native", "mni"
+
+# Consolidated metadata is a zarr-python extension in format 3; `publish` relies on it for atomic
+# visibility and xarray reads it by default. The warning says nothing we do not know.
+warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
 CHUNK = (64, 64, 64)
 
 
@@ -52,12 +60,25 @@ class ScanKey:
 def open_store(path: str | Path, mode: str = "a") -> zarr.Group:
     """Open (or create, with mode "a") the volume store's root group."""
     path = Path(path)
-    if mode == "r" and not (path / "zarr.json").exists():
+    if mode in ("r", "r+") and not (path / "zarr.json").exists():
         raise EndophenoError(f"{path}: not a volume store (run `endopheno ingest` first)")
-    root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    root = zarr.open_group(str(path), mode=mode, zarr_format=3, use_consolidated=False)
     if mode != "r" and "endopheno" not in root.attrs:
         root.attrs["endopheno"] = {"kind": "volume store", "layout": 1}
     return root
+
+
+def publish(store: str | Path) -> None:
+    """Snapshot the hierarchy's metadata into the root's consolidated metadata, in one atomic write.
+
+    Readers that use it (xarray does by default) see the store as of the last `publish`: new subjects'
+    rows and volumes appear all at once, never half added. Writers here read the live hierarchy."""
+    zarr.consolidate_metadata(str(store))
+
+
+def open_group(store: str | Path, path: str, mode: str = "a") -> zarr.Group:
+    """A group of the store, read live (not through the consolidated snapshot)."""
+    return zarr.open_group(str(store), path=path, mode=mode, zarr_format=3, use_consolidated=False)
 
 
 def _staging(store: Path) -> Path:
@@ -121,20 +142,19 @@ def native_attrs(store: str | Path) -> dict[ScanKey, dict]:
     return {key: dict(arr.attrs) for key, arr in iter_native(store)}
 
 
-def header_attrs(img: nib.Nifti1Image) -> dict:
-    """What of a NIfTI image is kept beside its voxels: affine, voxel sizes, orientation, the whole
-    binary header and its extensions, so that the file can be rebuilt exactly."""
-    hdr = img.header
-    slope, inter = hdr.get_slope_inter()
+def header_attrs(img: nib.Nifti1Image, header_bytes: bytes) -> dict:
+    """What of a NIfTI file is kept beside its voxels: affine, voxel sizes, orientation, scaling, and
+    the file's own bytes before the voxels (header, extensions), so that the file can be rebuilt
+    byte for byte. (nibabel's in-memory header has its scaling moved to the data proxy, so the bytes
+    are taken from the file, not from `img.header`.)"""
     return {
         "affine": img.affine.tolist(),
         "voxel_sizes": [float(z) for z in np.sqrt((img.affine[:3, :3] ** 2).sum(0))],
         "orientation": "".join(nib.aff2axcodes(img.affine)),
         "nifti_class": type(img).__name__,
-        "nifti_header": base64.b64encode(hdr.binaryblock).decode(),
-        "nifti_extensions": [{"code": int(e.get_code()), "content": base64.b64encode(e.content).decode()} for e in hdr.extensions],
-        "scl_slope": None if slope is None or not np.isfinite(slope) else float(slope),
-        "scl_inter": None if inter is None or not np.isfinite(inter) else float(inter),
+        "nifti_header": base64.b64encode(header_bytes).decode(),
+        "scl_slope": float(getattr(img.dataobj, "slope", 1.0)),
+        "scl_inter": float(getattr(img.dataobj, "inter", 0.0)),
     }
 
 
@@ -150,26 +170,19 @@ def read_native(store: str | Path, subject_id: str, modality: str = "T1w", sessi
 
 
 def image_from(arr: zarr.Array) -> nib.Nifti1Image:
-    """Rebuild the NIfTI image of a native volume array."""
+    """Rebuild the NIfTI image of a native volume array: the original file's header bytes followed by
+    the stored voxels, so the image (and the file `to_bytes` writes) is the one that was ingested."""
     attrs = arr.attrs
     klass = getattr(nib, attrs["nifti_class"])
-    header = klass.header_class(base64.b64decode(attrs["nifti_header"]))
-    raw = arr[...]
-    header.set_data_shape(raw.shape)  # a single-frame 4D file was stored as 3D
-    for ext in attrs.get("nifti_extensions", []):
-        header.extensions.append(nib.nifti1.Nifti1Extension(ext["code"], base64.b64decode(ext["content"])))
-    img = klass(raw, np.asarray(attrs["affine"]), header=header)
-    img.header.set_slope_inter(attrs["scl_slope"], attrs["scl_inter"])
-    return img
+    header_bytes = base64.b64decode(attrs["nifti_header"])
+    header = klass.header_class.from_fileobj(io.BytesIO(header_bytes), check=False)
+    voxels = np.asarray(arr[...], dtype=header.get_data_dtype()).tobytes(order="F")
+    return klass.from_bytes(header_bytes + voxels)
 
 
 def scaled(arr: zarr.Array) -> np.ndarray:
     """The native volume's voxel values in float32, with the header's scaling applied."""
-    data = arr[...].astype(np.float32)
-    slope, inter = arr.attrs.get("scl_slope"), arr.attrs.get("scl_inter")
-    if slope not in (None, 0.0):
-        data = data * np.float32(slope) + np.float32(inter or 0.0)
-    return data
+    return arr[...].astype(np.float32) * np.float32(arr.attrs["scl_slope"]) + np.float32(arr.attrs["scl_inter"])
 
 
 def digest(store: str | Path) -> str:

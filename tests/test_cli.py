@@ -1,0 +1,28 @@
+"""The command line: user mistakes give one line and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+from conftest import cli
+
+
+def test_help_lists_commands():
+    out = cli("--help", check=0).stdout
+    for command in ("phantom", "ingest", "preprocess"):
+        assert command in out
+
+
+def test_user_errors_are_one_line(tmp_path):
+    cases = [
+        (["ingest", "--store", str(tmp_path / "v.zarr")], "give exactly one of --bids DIR or --manifest FILE.csv"),
+        (["ingest", "--store", str(tmp_path / "v.zarr"), "--bids", str(tmp_path / "nope")], "not a directory"),
+        (["ingest", "--store", str(tmp_path / "v.zarr"), "--manifest", str(tmp_path / "nope.csv")], "no such manifest"),
+        (["preprocess", "--store", str(tmp_path / "empty.zarr")], "not a volume store"),
+        (["phantom", "--out", str(tmp_path / "p"), "--subjects", "1"], "at least 2 subjects"),
+    ]
+    (tmp_path / "cols.csv").write_text("subject,file\na,b\n")
+    cases.append((["ingest", "--store", str(tmp_path / "v.zarr"), "--manifest", str(tmp_path / "cols.csv")], "missing column(s) path, subject_id"))
+    for args, words in cases:
+        proc = cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and words in lines[0] and "Traceback" not in proc.stderr, (args, proc.stderr)

@@ -1,0 +1,224 @@
+"""Ingest: every kind of bad input is rejected with one clear line while the good subjects land;
+reruns are incremental; a kill -9 leaves a readable store that the rerun completes."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import zarr
+
+from endopheno.volumes.ingest import ingest, inputs_from_bids, inputs_from_manifest
+from endopheno.volumes.store import ScanKey, iter_native, read_native, scaled
+
+from conftest import cli
+
+
+def _good(phantom_dir: Path, i: int) -> Path:
+    return sorted((phantom_dir / "bids").glob("sub-*/anat/*_T1w.nii.gz"))[i]
+
+
+def _save(img, path: Path) -> Path:
+    nib.save(img, path)
+    return path
+
+
+def _with_sform(data: np.ndarray, sform: np.ndarray) -> nib.Nifti1Image:
+    """An image whose header holds exactly `sform` (no qform), bypassing nibabel's affine checks."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(data.shape)
+    hdr.set_data_dtype(np.float32)
+    hdr["sform_code"], hdr["qform_code"] = 1, 0
+    hdr["srow_x"], hdr["srow_y"], hdr["srow_z"] = sform[0], sform[1], sform[2]
+    return nib.Nifti1Image(data, None, header=hdr)
+
+
+def _bad_files(phantom_dir: Path, folder: Path) -> dict[str, tuple[Path, str]]:
+    """One file per kind of bad input, with the words its rejection must contain."""
+    good = nib.load(_good(phantom_dir, 0))
+    data = good.get_fdata(dtype=np.float32)
+    aff = good.affine
+    raw = _good(phantom_dir, 0).read_bytes()
+    bad = {}
+    bad["missing"] = (folder / "nowhere.nii.gz", "missing file")
+    (folder / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
+    bad["truncated"] = (folder / "truncated.nii.gz", "truncated or corrupt gzip")
+    corrupt = bytearray(raw)
+    corrupt[len(raw) // 2: len(raw) // 2 + 64] = bytes(64)
+    (folder / "corrupt.nii.gz").write_bytes(bytes(corrupt))
+    bad["corrupt"] = (folder / "corrupt.nii.gz", "corrupt gzip")
+    (folder / "notgzip.nii.gz").write_text("subject_id,age\n1,70\n")
+    bad["not_gzip"] = (folder / "notgzip.nii.gz", "not a gzip file")
+    (folder / "notnifti.nii").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(600))
+    bad["not_nifti"] = (folder / "notnifti.nii", "not a NIfTI")
+    (folder / "notnifti2.nii.gz").write_bytes(gzip.compress(b"hello world, this is text" * 40))
+    bad["not_nifti_gz"] = (folder / "notnifti2.nii.gz", "not a NIfTI")
+    bad["4d"] = (_save(nib.Nifti1Image(np.stack([data] * 3, -1), aff), folder / "fmri.nii.gz"), "4D volume with 3 frames")
+    singular = aff.copy()
+    singular[:, 2] = 0
+    bad["singular"] = (_save(_with_sform(data, singular), folder / "singular.nii.gz"), "singular affine")
+    nonfinite = aff.copy()
+    nonfinite[0, 0] = np.nan
+    bad["nonfinite"] = (_save(_with_sform(data, nonfinite), folder / "nonfinite.nii.gz"), "non-finite affine")
+    nan = data.copy()
+    nan[10, 10, 10:15] = np.nan
+    bad["nan"] = (_save(nib.Nifti1Image(nan, aff), folder / "nan.nii.gz"), "5 NaN/Inf voxels")
+    bad["empty"] = (_save(nib.Nifti1Image(np.zeros_like(data), aff), folder / "empty.nii.gz"), "empty volume")
+    bad["constant"] = (_save(nib.Nifti1Image(np.full_like(data, 7.0), aff), folder / "constant.nii.gz"), "constant volume")
+    huge = aff.copy()
+    huge[:3, :3] *= 25
+    bad["voxel_size"] = (_save(nib.Nifti1Image(data, huge), folder / "huge.nii.gz"), "absurd voxel size")
+    return bad
+
+
+def test_every_bad_input_is_rejected_and_good_subjects_land(phantom_dir, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    bad = _bad_files(phantom_dir, folder)
+    rows = ["subject_id,path"]
+    rows += [f"good{i},{_good(phantom_dir, i)}" for i in range(3)]
+    rows += [f"{kind.replace('_', '')},{path}" for kind, (path, _) in bad.items()]
+    rows += [f"dup,{_good(phantom_dir, 3)}", f"dup,{_good(phantom_dir, 4)}"]  # the same subject twice
+    rows += ["bad/id,x.nii.gz"]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+
+    proc = cli("ingest", "--manifest", str(manifest), "--store", str(tmp_path / "v.zarr"), "--workers", "1")
+    assert proc.returncode == 1  # finished, but something was rejected
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("rejected ")]
+    for kind, (path, words) in bad.items():
+        mine = [line for line in lines if str(path) in line]
+        assert len(mine) == 1, f"{kind}: {mine}"
+        assert words in mine[0], f"{kind}: {mine[0]}"
+    dup_lines = [line for line in lines if "duplicate subject dup" in line]
+    assert len(dup_lines) == 2  # both copies, each naming the other
+    assert any("subject_id 'bad/id' is not a valid label" in line for line in lines)
+    assert len(lines) == len(bad) + 3
+    assert f"3 ingested, 0 unchanged, {len(bad) + 3} rejected" in proc.stderr
+    stored = {key.subject_id for key, _ in iter_native(tmp_path / "v.zarr")}
+    assert stored == {"good0", "good1", "good2"}
+
+
+def _ingest_as(uid: int, manifest: Path, store: Path, queue) -> None:
+    try:
+        os.setgid(uid)
+        os.setuid(uid)
+        inputs, rejected = inputs_from_manifest(manifest)
+        report = ingest(inputs, store, rejected=rejected, workers=1)
+        queue.put((report.ingested, report.rejected))
+    except Exception as e:  # noqa: BLE001 - hand the failure to the test
+        queue.put(e)
+
+
+def test_unreadable_file_is_rejected(phantom_dir):
+    """A file the user may not read. Root ignores file permissions, so as root the ingest runs in a
+    forked child that has dropped to user `nobody` (in a folder outside pytest's private tmp)."""
+    import multiprocessing
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="endopheno_perm_"))
+    shutil.copy(_good(phantom_dir, 0), folder / "ok.nii.gz")
+    shutil.copy(_good(phantom_dir, 1), folder / "locked.nii.gz")
+    (folder / "m.csv").write_text(f"subject_id,path\nok,{folder / 'ok.nii.gz'}\nlocked,{folder / 'locked.nii.gz'}\n")
+    for p in [folder, folder / "ok.nii.gz", folder / "m.csv"]:
+        os.chmod(p, 0o777)
+    os.chmod(folder / "locked.nii.gz", 0)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_ingest_as, args=(65534 if os.geteuid() == 0 else os.geteuid(), folder / "m.csv", folder / "v.zarr", queue))
+    child.start()
+    result = queue.get(timeout=120)
+    child.join()
+    shutil.rmtree(folder)
+    assert not isinstance(result, Exception), result
+    ingested, rejected = result
+    assert ingested == ["subject ok T1w"]
+    assert rejected == [(str(folder / "locked.nii.gz"), "permission denied (file not readable)")]
+
+
+def test_single_frame_4d_is_accepted_as_3d(phantom_dir, tmp_path):
+    img = nib.load(_good(phantom_dir, 0))
+    path = _save(nib.Nifti1Image(img.get_fdata(dtype=np.float32)[..., None], img.affine), tmp_path / "one.nii.gz")
+    (tmp_path / "m.csv").write_text(f"subject_id,path\ns1,{path}\n")
+    inputs, rejected = inputs_from_manifest(tmp_path / "m.csv")
+    report = ingest(inputs, tmp_path / "v.zarr", rejected=rejected, workers=1)
+    assert report.ingested == ["subject s1 T1w"] and not report.rejected
+    arr = zarr.open_array(str(tmp_path / "v.zarr" / "native" / "s1" / "T1w"), mode="r")
+    assert arr.ndim == 3 and "4D with one frame" in arr.attrs["notes"][0]
+
+
+def test_native_volume_is_lossless(ingested_store, phantom_dir):
+    for key, arr in iter_native(ingested_store):
+        original = gzip.decompress(Path(arr.attrs["source"]["path"]).read_bytes())
+        back = read_native(ingested_store, key.subject_id)
+        assert back.to_bytes() == original  # the very file, byte for byte
+        src = nib.load(arr.attrs["source"]["path"])
+        assert np.array_equal(back.affine, src.affine)
+        assert np.allclose(scaled(arr), src.get_fdata(dtype=np.float32), rtol=1e-6, atol=1e-4)
+        assert arr.attrs["orientation"] == "".join(nib.aff2axcodes(src.affine))
+
+
+def _copy_bids(phantom_dir: Path, dest: Path, n: int) -> Path:
+    bids = dest / "bids"
+    for sub in sorted((phantom_dir / "bids").glob("sub-*"))[:n]:
+        shutil.copytree(sub, bids / sub.name)
+    return bids
+
+
+def test_rerun_is_incremental(phantom_dir, tmp_path):
+    bids = _copy_bids(phantom_dir, tmp_path, 4)
+    store = tmp_path / "v.zarr"
+    first = ingest(_bids(bids), store, workers=1)
+    assert len(first.ingested) == 4
+    again = ingest(_bids(bids), store, workers=1)
+    assert again.ingested == [] and len(again.unchanged) == 4
+
+    files = sorted(bids.glob("sub-*/anat/*.nii.gz"))
+    os.utime(files[0], ns=(time.time_ns(), time.time_ns() + 10**9))  # touched, same content
+    img = nib.load(files[1])
+    nib.save(nib.Nifti1Image(img.get_fdata(dtype=np.float32) * 2, img.affine), files[1])  # content changed
+    shutil.copytree(sorted((phantom_dir / "bids").glob("sub-*"))[4], bids / sorted((phantom_dir / "bids").glob("sub-*"))[4].name)
+    third = ingest(_bids(bids), store, workers=1)
+    changed = ScanKey(files[1].name.split("_")[0].removeprefix("sub-"))
+    new = sorted((phantom_dir / "bids").glob("sub-*"))[4].name.removeprefix("sub-")
+    assert sorted(third.ingested) == sorted([str(changed), str(ScanKey(new))])
+    assert len(third.unchanged) == 3
+    assert np.allclose(scaled(zarr.open_array(str(store / changed.path), mode="r")), img.get_fdata(dtype=np.float32) * 2, rtol=1e-5)
+
+
+def _bids(bids: Path):
+    inputs, rejected = inputs_from_bids(bids)
+    assert not rejected
+    return inputs
+
+
+def test_kill_minus_nine_leaves_a_readable_store(phantom_dir, tmp_path):
+    files = sorted((phantom_dir / "bids").glob("sub-*/anat/*_T1w.nii.gz"))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("subject_id,path\n" + "".join(f"s{i},{files[i % len(files)]}\n" for i in range(30)))
+    store = tmp_path / "v.zarr"
+    exe = Path(sys.executable).with_name("endopheno")
+    proc = subprocess.Popen([str(exe), "ingest", "--manifest", str(manifest), "--store", str(store), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((store / "native").glob("*/T1w")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = list(iter_native(store))  # readable, and every volume in it is whole
+    assert 0 < len(done) < 30
+    for key, arr in done:
+        assert arr[...].any() and arr.attrs["source"]["sha256"]
+    inputs, _ = inputs_from_manifest(manifest)
+    report = ingest(inputs, store, workers=1)
+    assert len(report.ingested) == 30 - len(done) and len(report.unchanged) == len(done)
+    assert len(list(iter_native(store))) == 30
