@@ -222,3 +222,20 @@ def test_kill_minus_nine_leaves_a_readable_store(phantom_dir, tmp_path):
     report = ingest(inputs, store, workers=1)
     assert len(report.ingested) == 30 - len(done) and len(report.unchanged) == len(done)
     assert len(list(iter_native(store))) == 30
+
+
+def test_bids_sessions_runs_and_bad_names(phantom_dir, tmp_path):
+    src = _good(phantom_dir, 0)
+    layout = ["sub-a/ses-1/anat/sub-a_ses-1_T1w.nii.gz", "sub-a/ses-2/anat/sub-a_ses-2_T1w.nii.gz",
+              "sub-b/anat/sub-b_run-1_T1w.nii.gz", "sub-b/anat/sub-b_run-2_T1w.nii.gz", "sub-c/anat/T1.nii.gz"]
+    for rel in layout:
+        (tmp_path / "bids" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, tmp_path / "bids" / rel)
+    inputs, rejected = inputs_from_bids(tmp_path / "bids")
+    assert [r for r in rejected if "T1.nii.gz" in r[0]][0][1].startswith("file name does not follow BIDS")
+    report = ingest(inputs, tmp_path / "v.zarr", rejected=rejected, workers=1)
+    assert sorted(report.ingested) == ["subject a session 1 T1w", "subject a session 2 T1w", "subject b T1w"]
+    assert any("sub-b_run-2_T1w" in what and "another run of subject b T1w (run 1 is ingested)" == why for what, why in report.rejected)
+    keys = {key for key, _ in iter_native(tmp_path / "v.zarr")}
+    assert keys == {ScanKey("a", "1"), ScanKey("a", "2"), ScanKey("b")}
+    assert (tmp_path / "v.zarr" / "native" / "a" / "ses-1" / "T1w" / "zarr.json").exists()
