@@ -106,13 +106,19 @@ class Anatomy:
         """True volume (mm^3) of every region in this subject: the measure of {y : psi(y) in region}."""
         centre = brain_centre()
         volumes = {}
-        for region, crop, crop_affine, box_lo, box_hi in region_crops():
-            # The subject-space box that maps onto the region's box (with room for the deformation).
+        for region, crop, crop_affine, near, box_lo, box_hi in region_crops():
+            # The subject-space box that maps onto the region's box (with room for the deformation);
+            # only its points whose undeformed position is within 5 mm of the region are pulled back.
             lo = centre + (box_lo - centre) * self.head_scale
             hi = centre + (box_hi - centre) * self.head_scale
             axes = [np.arange(a, b, spacing_mm, dtype=np.float32) for a, b in zip(lo, hi)]
             grid = np.stack(np.meshgrid(*axes, indexing="ij")).reshape(3, -1)
-            x = self.pullback(grid)
+            undeformed = centre[:, None] + (grid - centre[:, None]) / self.head_scale
+            ijk = np.rint(mni.world_to_voxel(crop_affine, undeformed)).astype(np.int32)
+            inside_crop = np.all((ijk >= 0) & (ijk < np.array(crop.shape)[:, None]), axis=0)
+            keep = np.flatnonzero(inside_crop)
+            keep = keep[near[tuple(ijk[:, keep])]]
+            x = self.pullback(grid[:, keep])
             inside = ndi.map_coordinates(crop, mni.world_to_voxel(crop_affine, x), order=1, cval=0.0, prefilter=False)
             volumes[region.name] = float(inside.sum() * spacing_mm**3)
         return volumes
@@ -146,20 +152,23 @@ def template_brain_box() -> tuple[np.ndarray, np.ndarray]:
 
 @lru_cache(maxsize=1)
 def region_crops() -> list[tuple]:
-    """Per region: its mask cropped to its bounding box (float, for partial-volume sampling), the
-    crop's affine, and the box in template mm widened by 5 mm for the deformation (it moves tissue < 4 mm)."""
+    """Per region: its mask cropped to its bounding box plus 8 mm (float, for partial-volume sampling),
+    the crop's affine, the voxels within 6 mm of the region, and the crop's box in template mm."""
     labels, affine = label_image()
     crops = []
     for region in REGIONS:
         mask = labels == region.label
         ijk = np.argwhere(mask)
-        lo, hi = ijk.min(0) - 3, ijk.max(0) + 4
+        lo, hi = np.maximum(ijk.min(0) - 8, 0), np.minimum(ijk.max(0) + 9, labels.shape)
         crop = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].astype(np.float32)
         crop_affine = affine.copy()
         crop_affine[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
-        box_lo = affine[:3, :3] @ lo + affine[:3, 3] - 5.0
-        box_hi = affine[:3, :3] @ hi + affine[:3, 3] + 5.0
-        crops.append((region, crop, crop_affine, box_lo, box_hi))
+        box_lo = affine[:3, :3] @ lo + affine[:3, 3]
+        box_hi = affine[:3, :3] @ hi + affine[:3, 3]
+        # Tissue moves by at most ~5 mm here (warp, contraction, global atrophy): a subject point whose
+        # undeformed position lies farther than 6 mm (L-infinity) from the region cannot land in it.
+        near = ndi.binary_dilation(crop > 0, structure=np.ones((3, 3, 3), bool), iterations=6)
+        crops.append((region, crop, crop_affine, near, box_lo, box_hi))
     return crops
 
 
