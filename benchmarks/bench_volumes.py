@@ -1,21 +1,17 @@
-"""Ingest and preprocess throughput, store sizes, and reading preprocessed volumes from Zarr vs .nii.gz.
+"""Ingest and preprocess throughput and store sizes (reads: bench_read.py).
 
-    python benchmarks/bench_volumes.py --bids data/phantom/bids [--preprocess-subjects 40] [--reads 40]
+    python benchmarks/bench_volumes.py --bids data/phantom/bids [--preprocess-subjects 40]
 
-Ingest runs on every subject of the BIDS folder into a fresh store; preprocess on the first
-`--preprocess-subjects` of them. The read comparison writes each preprocessed volume as .nii.gz and
-reads the same volumes both ways, interleaved, reporting medians per volume and their ratio.
+Ingest runs on every subject but the last 10 of the BIDS folder into a fresh store, then on all of them
+(the 10 added), then again (nothing changed); preprocess runs on the first `--preprocess-subjects`.
 """
 
 import argparse
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import zarr
 
 from _common import du, machine
@@ -27,7 +23,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--bids", default="data/phantom/bids")
     ap.add_argument("--preprocess-subjects", type=int, default=40)
-    ap.add_argument("--reads", type=int, default=40)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_volumes_"))
@@ -63,37 +58,6 @@ if __name__ == "__main__":
     seconds = time.perf_counter() - t
     n = len(prep.processed)
     print(f"preprocess: {n} subjects in {seconds:.1f} s = {60 * n / seconds:.1f} subjects/min ({args.workers} workers)")
-    print(f"mni store: {du(small / 'mni') / 2**20:.1f} MiB for {n} subjects "
-          f"({du(small / 'mni') / n / 2**20:.2f} MiB/subject, float32, zstd)")
+    print(f"mni store: {du(small / 'mni') / 2**20:.1f} MiB for {n} subjects ({du(small / 'mni') / n / 2**20:.2f} MiB/subject)")
 
-    # Read comparison: the same preprocessed volumes from Zarr and from .nii.gz (nibabel), interleaved.
-    arr = zarr.open_array(str(small / "mni" / "T1w"), mode="r")
-    affine = np.asarray(zarr.open_group(str(small / "mni"), mode="r").attrs["affine"])
-    k = min(args.reads, arr.shape[0])
-    files = []
-    for i in range(k):
-        files.append(work / f"v{i}.nii.gz")
-        nib.save(nib.Nifti1Image(arr[i], affine), files[-1])
-    # A training Dataset opens the array once and reads volume after volume: that is the main figure.
-    # Opening the array for every read (zarr parses its metadata each time) is shown too.
-    opened = zarr.open_array(str(small / "mni" / "T1w"), mode="r")
-    z_times, o_times, n_times = [], [], []
-    for rep in range(3):
-        for i in range(k):
-            t = time.perf_counter()
-            zv = opened[i]
-            z_times.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            zarr.open_array(str(small / "mni" / "T1w"), mode="r")[i]
-            o_times.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            nv = np.asarray(nib.load(files[i]).dataobj, dtype=np.float32)
-            n_times.append(time.perf_counter() - t)
-            assert np.array_equal(zv, nv)
-    zm, om, nm = statistics.median(z_times), statistics.median(o_times), statistics.median(n_times)
-    nii_size = sum(f.stat().st_size for f in files) / k
-    print(f"read one preprocessed volume {arr.shape[1:]} (median of {len(z_times)}, interleaved): "
-          f"zarr {1000 * zm:.2f} ms, nii.gz (nibabel) {1000 * nm:.2f} ms -> zarr {nm / zm:.1f}x faster; "
-          f"opening the zarr array for every read {1000 * om:.2f} ms ({nm / om:.1f}x)")
-    print(f"on disk per volume: zarr {du(small / 'mni' / 'T1w') / arr.shape[0] / 2**20:.2f} MiB, nii.gz {nii_size / 2**20:.2f} MiB")
     shutil.rmtree(work)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 import zarr
 
 from endopheno.volumes.ingest import ingest, inputs_from_bids, inputs_from_manifest

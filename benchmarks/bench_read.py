@@ -1,0 +1,69 @@
+"""Reading preprocessed volumes: from the Zarr store vs the same volumes as .nii.gz with nibabel.
+
+    python benchmarks/bench_read.py [--store stores/volumes.zarr] [--n 40] [--upsample 2]
+
+The first `--n` volumes of mni/T1w are written both ways (Zarr: the store's own codec and one chunk
+per volume; NIfTI: gzip, nibabel's default), then read back interleaved, three rounds; medians per
+volume. The Zarr array is opened once, as a training Dataset does. `--upsample 2` repeats the
+comparison on the volumes resampled to half the voxel size (1 mm, the size of real research data).
+"""
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import zarr
+from scipy import ndimage as ndi
+
+from _common import du, machine
+
+from endopheno.volumes.preprocess import VOLUME_CODEC
+
+
+def compare(volumes: np.ndarray, affine: np.ndarray, work: Path, label: str) -> None:
+    arr = zarr.create_array(str(work / f"{label}.zarr"), shape=volumes.shape, chunks=(1, *volumes.shape[1:]),
+                            dtype="float32", compressors=[VOLUME_CODEC])
+    arr[...] = volumes
+    files = [work / f"{label}_{i}.nii.gz" for i in range(len(volumes))]
+    for f, v in zip(files, volumes):
+        nib.save(nib.Nifti1Image(v, affine), f)
+    opened = zarr.open_array(str(work / f"{label}.zarr"), mode="r")
+    z_times, n_times = [], []
+    for _ in range(3):
+        for i, f in enumerate(files):
+            t = time.perf_counter()
+            zv = opened[i]
+            z_times.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            nv = np.asarray(nib.load(f).dataobj, dtype=np.float32)
+            n_times.append(time.perf_counter() - t)
+            assert np.array_equal(zv, nv)
+    zm, nm = statistics.median(z_times), statistics.median(n_times)
+    print(f"{label}: volume {volumes.shape[1:]} float32 ({volumes[0].nbytes / 2**20:.1f} MiB): zarr {1000 * zm:.2f} ms, "
+          f"nii.gz {1000 * nm:.2f} ms per volume (median of {len(z_times)}) -> zarr {nm / zm:.1f}x faster; "
+          f"on disk zarr {du(work / f'{label}.zarr') / len(files) / 2**20:.2f} MiB, nii.gz {sum(f.stat().st_size for f in files) / len(files) / 2**20:.2f} MiB per volume")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--store", default="stores/volumes.zarr")
+    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--upsample", type=int, default=2)
+    args = ap.parse_args()
+    print(f"machine: {machine()}")
+    work = Path(tempfile.mkdtemp(prefix="bench_read_"))
+    src = zarr.open_array(f"{args.store}/mni/T1w", mode="r")
+    affine = np.asarray(zarr.open_group(f"{args.store}/mni", mode="r", use_consolidated=False).attrs["affine"])
+    volumes = src[: args.n]
+    compare(volumes, affine, work, f"{affine[0, 0]:g}mm")
+    if args.upsample > 1:
+        fine = np.stack([ndi.zoom(v, args.upsample, order=1) for v in volumes[: args.n // 2]])
+        fine_affine = affine.copy()
+        fine_affine[:3, :3] /= args.upsample
+        compare(fine, fine_affine, work, f"{fine_affine[0, 0]:g}mm")
+    shutil.rmtree(work)
