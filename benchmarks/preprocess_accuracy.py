@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from endopheno.volumes.qc import mean_displacement
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--store", default="stores/volumes.zarr")
@@ -21,13 +23,9 @@ if __name__ == "__main__":
     mask = ds["brain_mask"].values
     affine = np.asarray(ds.attrs["affine"])
     voxel = float(ds.attrs["preprocess"]["voxel_size_mm"])
-    pts = affine[:3, :3] @ np.argwhere(mask).T + affine[:3, 3:4]
-    pts = np.vstack([pts, np.ones(pts.shape[1])])
-    errors = []
-    for i, subject in enumerate(str(s) for s in ds["subject"].values):
-        a, b = ds["template_to_native"].values[i], np.asarray(truth[subject]["template_to_scanner"])
-        errors.append(float(np.linalg.norm((a @ pts - b @ pts)[:3], axis=0).mean()))
-    errors = np.array(errors)
+    recovered = ds["template_to_native"].values
+    errors = np.array([mean_displacement(recovered[i], np.asarray(truth[str(s)]["template_to_scanner"]), mask, affine)
+                       for i, s in enumerate(ds["subject"].values)])
     qc = ds["qc_pass"].values
     print(f"{len(errors)} subjects, output voxel {voxel} mm")
     print(f"mean displacement error: median {np.median(errors):.2f} mm, 95th percentile {np.percentile(errors, 95):.2f} mm, max {errors.max():.2f} mm")

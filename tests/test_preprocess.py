@@ -18,16 +18,9 @@ import xarray as xr
 
 from endopheno.volumes.ingest import ingest, inputs_from_manifest
 from endopheno.volumes.preprocess import PreprocessParams, preprocess, target_grid, to_sitk, transform_to_ras
-from endopheno.volumes.qc import montage, qc_table
+from endopheno.volumes.qc import mean_displacement, montage, qc_table
 
 from conftest import cli
-
-
-def mean_displacement(a: np.ndarray, b: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> float:
-    """Mean distance (mm) between where two affines send the brain mask's voxel centres."""
-    pts = affine[:3, :3] @ np.argwhere(mask).T + affine[:3, 3:4]
-    pts = np.vstack([pts, np.ones(pts.shape[1])])
-    return float(np.linalg.norm((a @ pts - b @ pts)[:3], axis=0).mean())
 
 
 def test_pose_recovered_within_one_voxel(preprocessed_store, phantom_dir):

@@ -13,6 +13,13 @@ import pandas as pd  # noqa: E402
 import xarray as xr  # noqa: E402
 
 
+def mean_displacement(a: np.ndarray, b: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> float:
+    """Mean distance (mm) between where two 4x4 affines send the voxel centres of `mask` (a grid with
+    `affine`): how far apart two registrations put the brain, e.g. a recovered pose and the truth."""
+    pts = affine[:3, :3] @ np.argwhere(mask).T + affine[:3, 3:4]
+    return float(np.linalg.norm((a[:3, :3] - b[:3, :3]) @ pts + (a[:3, 3:4] - b[:3, 3:4]), axis=0).mean())
+
+
 def qc_table(ds: xr.Dataset) -> pd.DataFrame:
     """One row per subject: correlation with the template, pass/fail, note."""
     return pd.DataFrame({
