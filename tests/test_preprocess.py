@@ -142,3 +142,12 @@ def test_cli_preprocess_writes_qc(preprocessed_store, tmp_path):
     proc = cli("preprocess", "--store", str(store), "--workers", "1", "--params", str(tmp_path / "none.yaml"), check=0)
     assert "0 processed, 6 unchanged" in proc.stderr
     assert (tmp_path / "qc" / "montage.png").exists() and (tmp_path / "qc" / "qc.tsv").exists()
+
+
+def test_unknown_codec_is_a_clear_error(ingested_store, tmp_path):
+    from endopheno.errors import EndophenoError
+
+    store = tmp_path / "v.zarr"
+    shutil.copytree(ingested_store, store)
+    with pytest.raises(EndophenoError, match="preprocess.codec 'gzip': expected one of none, lz4, zstd"):
+        preprocess(store, PreprocessParams(codec="gzip"), workers=1)

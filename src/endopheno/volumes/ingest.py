@@ -184,6 +184,7 @@ def ingest(inputs: list[ScanInput], store: str | Path, *, rejected: list[tuple[s
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "ingested": len(report.ingested),
         "unchanged": len(report.unchanged), "rejected": [{"what": w, "reason": r} for w, r in report.rejected],
     }
+    clean_staging(store)
     publish(store)
     return report
 
