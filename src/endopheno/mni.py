@@ -21,7 +21,6 @@ def _load(kind: str) -> nib.Nifti1Image:
     loader = {
         "t1": datasets.load_mni152_template,
         "gm": datasets.load_mni152_gm_template,
-        "wm": datasets.load_mni152_wm_template,
         "brain_mask": datasets.load_mni152_brain_mask,
     }[kind]
     img = loader(resolution=1)
@@ -38,14 +37,17 @@ def grey_matter() -> nib.Nifti1Image:
     return _load("gm")
 
 
-def white_matter() -> nib.Nifti1Image:
-    """White-matter probability map on the template grid."""
-    return _load("wm")
-
-
 def brain_mask() -> nib.Nifti1Image:
     """Binary brain mask on the template grid."""
     return _load("brain_mask")
+
+
+@lru_cache(maxsize=1)
+def brain_bounds() -> tuple[np.ndarray, np.ndarray]:
+    """The brain mask's bounding box (lo, hi), in mm: the centres of its extreme voxels."""
+    m = brain_mask()
+    ijk = np.argwhere(np.asarray(m.dataobj) > 0)
+    return m.affine[:3, :3] @ ijk.min(0) + m.affine[:3, 3], m.affine[:3, :3] @ ijk.max(0) + m.affine[:3, 3]
 
 
 def world_to_voxel(affine: np.ndarray, points_mm: np.ndarray) -> np.ndarray:
@@ -72,14 +74,13 @@ def smooth_to(img: nib.Nifti1Image, fwhm_mm: float) -> np.ndarray:
 def template_grid(voxel_size_mm: float, crop_margin_mm: float | None = 6.0) -> tuple[tuple[int, int, int], np.ndarray]:
     """A RAS grid at `voxel_size_mm` over the template: cropped to the brain mask's bounding box plus
     `crop_margin_mm` (or the template's whole field of view when None). Returns (shape, affine)."""
-    ref = brain_mask()
     if crop_margin_mm is None:
+        ref = brain_mask()
         lo = ref.affine[:3, 3]
         hi = lo + (np.array(ref.shape) - 1) * np.diag(ref.affine)[:3]
     else:
-        ijk = np.argwhere(np.asarray(ref.dataobj) > 0)
-        lo = ref.affine[:3, :3] @ ijk.min(0) + ref.affine[:3, 3] - crop_margin_mm
-        hi = ref.affine[:3, :3] @ ijk.max(0) + ref.affine[:3, 3] + crop_margin_mm
+        lo, hi = brain_bounds()
+        lo, hi = lo - crop_margin_mm, hi + crop_margin_mm
     # Anchor the grid on whole multiples of the voxel size so grids of one size always line up.
     lo = np.floor(lo / voxel_size_mm) * voxel_size_mm
     shape = tuple(int(n) for n in np.floor((hi - lo) / voxel_size_mm).astype(int) + 1)

@@ -125,7 +125,7 @@ class Anatomy:
 
     def brain_box(self, margin_mm: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
         """Bounding box (lo, hi) in subject mm outside which this subject has no brain."""
-        lo, hi = template_brain_box()
+        lo, hi = mni.brain_bounds()
         centre = brain_centre()
         return centre + (lo - margin_mm - centre) * self.head_scale, centre + (hi + margin_mm - centre) * self.head_scale
 
@@ -141,13 +141,6 @@ def bump_reach() -> np.ndarray:
         near = np.all(np.abs(pts - np.asarray(region.centre_mm)[:, None]) < reach[:, None], axis=0)
         bits[near] |= 1 << bit
     return bits
-
-
-@lru_cache(maxsize=1)
-def template_brain_box() -> tuple[np.ndarray, np.ndarray]:
-    m = mni.brain_mask()
-    ijk = np.argwhere(np.asarray(m.dataobj) > 0)
-    return m.affine[:3, :3] @ ijk.min(0) + m.affine[:3, 3], m.affine[:3, :3] @ ijk.max(0) + m.affine[:3, 3]
 
 
 @lru_cache(maxsize=1)

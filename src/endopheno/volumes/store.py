@@ -14,9 +14,7 @@ which is what `xr.open_zarr` reads: a reader sees the store as of the last compl
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
-import json
 import os
 import shutil
 import uuid
@@ -183,12 +181,3 @@ def image_from(arr: zarr.Array) -> nib.Nifti1Image:
 def scaled(arr: zarr.Array) -> np.ndarray:
     """The native volume's voxel values in float32, with the header's scaling applied."""
     return arr[...].astype(np.float32) * np.float32(arr.attrs["scl_slope"]) + np.float32(arr.attrs["scl_inter"])
-
-
-def digest(store: str | Path) -> str:
-    """Content digest of the native volumes: a hash over every (key, source sha256). Two stores with the
-    same digest hold the same data, whatever their paths or ingestion times."""
-    h = hashlib.sha256()
-    for key, attrs in sorted(native_attrs(store).items(), key=lambda kv: kv[0].path):
-        h.update(json.dumps([key.path, attrs["source"]["sha256"]]).encode())
-    return h.hexdigest()
