@@ -26,9 +26,9 @@ class TaskFailed(EndophenoError):
     """An item failed with an error that is not a user's (a bug): the message keeps its type and text."""
 
 
-def _guarded(fn: Callable[[Any], Any], item: Any) -> Any:
+def _guarded(fn: Callable[[Any], Any], item: Any, **shared: Any) -> Any:
     try:
-        return fn(item)
+        return fn(item, **shared)
     except EndophenoError as e:
         return e
     except Exception as e:  # noqa: BLE001 - one subject's crash must not stop the cohort
@@ -54,10 +54,12 @@ def map_items(
     workers: int | None = None,
     scheduler: str | None = None,
     label: str = "working",
+    shared: dict[str, Any] | None = None,
 ) -> Iterator[tuple[Any, Any]]:
     """Yield ``(item, result)`` for every item, in completion order.
 
-    `result` is what ``fn(item)`` returned, or the `EndophenoError` it raised (for a bug: a
+    `shared` are keyword arguments common to every call (``fn(item, **shared)``), sent to each worker
+    once rather than with every item. `result` is what ``fn(item)`` returned, or the `EndophenoError` it raised (for a bug: a
     `TaskFailed`). `fn` must be importable by name (a module-level function or a partial of one) so
     that dask can send it to worker processes.
     """
@@ -69,7 +71,7 @@ def map_items(
         task = bar.add_task(label, total=len(items))
         if scheduler is None and (workers == 1 or len(items) == 1):
             for item in items:
-                result = _guarded(fn, item)
+                result = _guarded(fn, item, **(shared or {}))
                 bar.advance(task)
                 yield item, result
             return
@@ -95,7 +97,8 @@ def map_items(
             )
             client = Client(cluster)
         try:
-            futures = client.map(_guarded, [fn] * len(items), items, pure=False)
+            scattered = {k: client.scatter([v], broadcast=True)[0] for k, v in (shared or {}).items()}
+            futures = client.map(_guarded, [fn] * len(items), items, pure=False, **scattered)
             index = {f.key: i for i, f in enumerate(futures)}
             for future in as_completed(futures):
                 result = future.result()

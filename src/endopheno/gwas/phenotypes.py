@@ -1,0 +1,84 @@
+"""Phenotype and covariate tables with PLINK 2's conventions, aligned to the genotype samples.
+
+A table is tab- or space-separated with a header. Its ID columns come first: ``IID`` alone, or
+``FID``/``#FID`` then ``IID`` (``#IID`` also accepted). Missing values are ``NA``, ``nan`` or empty; in
+phenotype columns ``-9`` is missing too (PLINK's ``--input-missing-phenotype`` default). A non-numeric
+covariate column is dummy-coded (first level dropped); a non-numeric phenotype is an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from endopheno.errors import InputError
+
+MISSING_STRINGS = ["NA", "na", "NaN", "nan", ""]
+
+
+@dataclass
+class Aligned:
+    """Values aligned with the genotype samples (NaN where a sample has no value)."""
+
+    values: np.ndarray
+    names: list[str]
+    unmatched: list[str] = field(default_factory=list)  # table rows whose ID is not a genotyped sample
+
+
+def read_table(path: str | Path, columns: list[str] | None = None, *, kind: str = "phenotype") -> pd.DataFrame:
+    """Read a PLINK-style table; return it indexed by (FID, IID) or IID, with the chosen value columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "not found")
+    try:
+        table = pd.read_csv(path, sep=None, engine="python", dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise InputError(path, f"cannot be parsed as a table ({e})") from None
+    header = [c.lstrip("#") for c in table.columns]
+    table.columns = header
+    if "IID" not in header or header.index("IID") > 1 or (header.index("IID") == 1 and header[0] != "FID"):
+        raise InputError(path, "the header must start with IID, or FID then IID (optionally prefixed by #)")
+    ids = ["FID", "IID"] if header[0] == "FID" else ["IID"]
+    if table.duplicated(ids).any():
+        raise InputError(path, f"sample {table.loc[table.duplicated(ids), 'IID'].iloc[0]} appears more than once")
+    available = [c for c in header if c not in ids]
+    columns = columns or available
+    absent = [c for c in columns if c not in available]
+    if absent:
+        raise InputError(path, f"no column {', '.join(absent)} (it has: {', '.join(available)})")
+    values = table.set_index(ids)[columns].replace(MISSING_STRINGS, np.nan)
+    return _numeric(values, path, kind)
+
+
+def _numeric(values: pd.DataFrame, path: Path, kind: str) -> pd.DataFrame:
+    out = {}
+    for name in values.columns:
+        column = pd.to_numeric(values[name], errors="coerce")
+        bad = column.isna() & values[name].notna()
+        if not bad.any():
+            out[name] = column.mask(column == -9) if kind == "phenotype" else column
+        elif kind == "covariate":  # categorical: dummy-code, missing stays missing
+            dummies = pd.get_dummies(values[name], prefix=name, drop_first=True, dtype=float)
+            dummies[values[name].isna()] = np.nan
+            out.update({c: dummies[c] for c in dummies.columns})
+        else:
+            row = values.index[bad.to_numpy().argmax()]
+            raise InputError(path, f"{kind} {name} of sample {row if isinstance(row, str) else row[-1]} "
+                             f"is not a number ({values[name][bad].iloc[0]!r})")
+    return pd.DataFrame(out, index=values.index)
+
+
+def align(table: pd.DataFrame, samples: pd.DataFrame) -> Aligned:
+    """Rows of `table` in the order of the genotype `samples` (fid, iid); NaN for samples it lacks."""
+    if table.index.nlevels == 2:
+        keys = pd.MultiIndex.from_arrays([samples["fid"].astype(str), samples["iid"].astype(str)])
+        names = [f"{f} {i}" for f, i in table.index]
+    else:
+        keys = pd.Index(samples["iid"].astype(str))
+        names = list(table.index)
+    aligned = table.reindex(keys)
+    unmatched = [n for n, hit in zip(names, table.index.isin(keys)) if not hit]
+    return Aligned(aligned.to_numpy(dtype=np.float64), list(table.columns), unmatched)

@@ -1,0 +1,179 @@
+"""A GWAS run: phenotype groups, variant blocks streamed through dask, results written as Parquet.
+
+``OUT/results/part-NNNNN.parquet`` holds one row per variant × phenotype of one block of variants
+(phenotype-major inside a file, so a query on one phenotype reads contiguous row groups); DuckDB and
+pyarrow read the folder as one table. The run writes into ``OUT/.partial`` and renames it into place
+at the end, so a crash never leaves half a result where a finished one is expected.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from endopheno.errors import EndophenoError
+from endopheno.gwas.linear import PhenotypeGroup, associate_block, phenotype_groups
+from endopheno.gwas.phenotypes import Aligned
+from endopheno.parallel import map_items
+
+RESULT_COLUMNS = ["phenotype", "chrom", "pos", "id", "a1", "a2", "a1_freq", "n", "beta", "se", "t_stat", "p",
+                  "log10_p", "reason"]
+
+
+@dataclass
+class GwasOptions:
+    """Knobs of the association scan (the `gwas` section of params.yaml)."""
+
+    block_variants: int = 2048      # variants per task: memory is bounded by block × samples
+    missing: str = "exact"          # exact (drop a sample with a missing call, like PLINK 2) | mean (impute)
+    precision: str = "float64"      # float32: the big product in single precision (GPU), side terms float64
+    min_maf: float = 0.0            # on the samples of each phenotype group
+    min_mac: float = 0.0
+    device: str = "cpu"             # cpu | cuda | cuda:N | auto
+    workers: int | None = None      # dask worker processes (default: one per core); 1 = in this process
+    scheduler: str | None = None    # address of an existing dask scheduler
+
+    def __post_init__(self):
+        if self.missing not in ("exact", "mean"):
+            raise EndophenoError(f"gwas: missing must be 'exact' or 'mean', not {self.missing!r}")
+        if self.precision not in ("float64", "float32"):
+            raise EndophenoError(f"gwas: precision must be 'float64' or 'float32', not {self.precision!r}")
+
+
+@dataclass
+class ScanSummary:
+    phenotypes: list[str]
+    variants: int
+    tests: int = 0
+    seconds: float = 0.0
+    untested: dict[str, int] = field(default_factory=dict)      # reason -> variant × phenotype count
+    filtered: int = 0                                           # variant × phenotype pairs below min-maf/mac
+    samples: dict[str, int] = field(default_factory=dict)       # phenotype -> samples of its group
+    unmatched: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def tests_per_second(self) -> float:
+        return self.tests / self.seconds if self.seconds else float("nan")
+
+
+def scan(source, phenotypes: Aligned, covariates: Aligned | None, out: str | Path,
+         options: GwasOptions | None = None) -> ScanSummary:
+    """Test every phenotype against every variant of `source`; write ``OUT/results/``."""
+    options = options or GwasOptions()
+    out = Path(out)
+    cov = covariates.values if covariates is not None else np.empty((len(source.samples), 0))
+    groups = phenotype_groups(phenotypes.values, cov, phenotypes.names, covariates.names if covariates else None)
+    summary = ScanSummary(phenotypes=phenotypes.names, variants=len(source.variants),
+                          samples={name: len(g.samples) for g in groups for name in g.names},
+                          unmatched={"phenotypes": phenotypes.unmatched,
+                                     "covariates": covariates.unmatched if covariates else []})
+    partial_dir = out / ".partial"
+    shutil.rmtree(partial_dir, ignore_errors=True)
+    (partial_dir / "results").mkdir(parents=True)
+
+    m, step = len(source.variants), options.block_variants
+    blocks = [(i, start, min(start + step, m)) for i, start in enumerate(range(0, m, step))]
+    task = partial(_scan_block, variants=source.variants, folder=str(partial_dir / "results"))
+    shared = {"reader": getattr(source, "reader", source), "groups": groups, "options": options}
+    workers = 1 if _torch_device(options.device) != "cpu" else options.workers
+    t0 = time.perf_counter()
+    for block, result in map_items(task, blocks, workers=workers, scheduler=options.scheduler,
+                                   label=f"gwas: {len(phenotypes.names)} phenotypes × {m} variants", shared=shared):
+        if isinstance(result, Exception):
+            raise EndophenoError(f"gwas: variants {block[1]}–{block[2]} failed: {result}")
+        summary.tests += result["tests"]
+        summary.filtered += result["filtered"]
+        for reason, count in result["untested"].items():
+            summary.untested[reason] = summary.untested.get(reason, 0) + count
+    summary.seconds = time.perf_counter() - t0
+    (partial_dir / "scan.json").write_text(json.dumps({**asdict(summary), "options": asdict(options)}, indent=1))
+    for name in ("results", "scan.json"):
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        (partial_dir / name).replace(target)
+    partial_dir.rmdir()
+    return summary
+
+
+def _scan_block(block, *, reader, groups: list[PhenotypeGroup], options: GwasOptions, variants, folder: str) -> dict:
+    index, start, stop = block
+    dosages = reader.read(start, stop)
+    product = _torch_product(options.device) if _torch_device(options.device) != "cpu" else None
+    tables, counts = [], {"tests": 0, "filtered": 0, "untested": {}}
+    v = variants.iloc[start:stop]
+    for group in groups:
+        r = associate_block(dosages, group, missing=options.missing, precision=options.precision, product=product)
+        mac = np.minimum(2 * r.n * r.a1_freq, 2 * r.n * (1 - r.a1_freq))
+        keep = ~((np.minimum(r.a1_freq, 1 - r.a1_freq) < options.min_maf) | (mac < options.min_mac))
+        counts["filtered"] += int((~keep).sum()) * len(r.names)
+        tested = keep & (r.reason == "")
+        counts["tests"] += int(tested.sum()) * len(r.names)
+        for reason in set(r.reason[keep & ~tested]):
+            counts["untested"][reason] = counts["untested"].get(reason, 0) + int((r.reason[keep] == reason).sum()) * len(r.names)
+        tables.append(_long_table(r, v, keep))
+    pq.write_table(pa.concat_tables(tables), f"{folder}/part-{index:05d}.parquet", compression="zstd")
+    return counts
+
+
+def _long_table(r, v, keep: np.ndarray) -> pa.Table:
+    """One row per (phenotype, variant): variant columns repeat per phenotype as dictionary arrays."""
+    rows = np.flatnonzero(keep)
+    p = len(r.names)
+    variant_index = pa.array(np.tile(np.arange(len(rows), dtype=np.int32), p))
+
+    def repeat(values) -> pa.Array:
+        return pa.DictionaryArray.from_arrays(variant_index, pa.array(np.asarray(values)[rows], pa.string()))
+
+    def per_phenotype(values: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(values[rows].T).ravel()
+
+    reason = np.asarray(r.reason[rows], dtype=object)
+    reason = pa.array(np.tile(reason, p), pa.string(), mask=np.tile(reason == "", p))
+    return pa.table({
+        "phenotype": pa.DictionaryArray.from_arrays(pa.array(np.repeat(np.arange(p, dtype=np.int32), len(rows))),
+                                                    pa.array(r.names, pa.string())),
+        "chrom": repeat(v["chrom"]), "pos": np.tile(v["pos"].to_numpy()[rows], p), "id": repeat(v["id"]),
+        "a1": repeat(v["allele1"]), "a2": repeat(v["allele2"]),
+        "a1_freq": np.tile(r.a1_freq[rows], p), "n": np.tile(r.n[rows], p),
+        "beta": per_phenotype(r.beta), "se": per_phenotype(r.se), "t_stat": per_phenotype(r.t_stat),
+        "p": per_phenotype(r.p), "log10_p": per_phenotype(r.log10_p), "reason": reason,
+    })
+
+
+def _torch_device(device: str) -> str:
+    if device == "auto":
+        try:
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:
+            return "cpu"
+    return device
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_product(device: str):
+    """The big product on a torch device; the phenotype matrix stays resident there across blocks."""
+    import torch
+
+    device = _torch_device(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EndophenoError(f"gwas: device {device} requested but torch sees no CUDA device")
+    resident: dict[int, tuple[np.ndarray, torch.Tensor]] = {}  # id(operand) -> (operand kept alive, its copy)
+
+    def product(g: np.ndarray, y: np.ndarray) -> np.ndarray:
+        if id(y) not in resident:
+            resident[id(y)] = (y, torch.from_numpy(np.ascontiguousarray(y)).to(device))
+        return (torch.from_numpy(g).to(device) @ resident[id(y)][1]).cpu().numpy()
+
+    return product
