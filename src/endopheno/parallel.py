@@ -55,11 +55,14 @@ def map_items(
     scheduler: str | None = None,
     label: str = "working",
     shared: dict[str, Any] | None = None,
+    processes: bool = True,
 ) -> Iterator[tuple[Any, Any]]:
     """Yield ``(item, result)`` for every item, in completion order.
 
     `shared` are keyword arguments common to every call (``fn(item, **shared)``), sent to each worker
-    once rather than with every item. `result` is what ``fn(item)`` returned, or the `EndophenoError` it raised (for a bug: a
+    once rather than with every item. `processes=False` runs the local cluster's workers as threads of
+    this process: for work that releases the GIL (BLAS, numpy, Arrow), it saves the process start-up
+    and every copy. `result` is what ``fn(item)`` returned, or the `EndophenoError` it raised (for a bug: a
     `TaskFailed`). `fn` must be importable by name (a module-level function or a partial of one) so
     that dask can send it to worker processes.
     """
@@ -91,8 +94,9 @@ def map_items(
             cluster, client = None, Client(scheduler)
         else:
             dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
+            n = min(workers, len(items))
             cluster = LocalCluster(
-                n_workers=min(workers, len(items)), threads_per_worker=1, processes=True,
+                n_workers=n if processes else 1, threads_per_worker=1 if processes else n, processes=processes,
                 dashboard_address=None, silence_logs=logging.ERROR,
             )
             client = Client(cluster)

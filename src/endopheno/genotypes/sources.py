@@ -30,6 +30,8 @@ def _need(path: Path) -> Path:
 class BedSource:
     """PLINK 1 binary fileset ``PREFIX.bed/.bim/.fam``, read with bed-reader."""
 
+    dosages = False
+
     def __init__(self, prefix: str | Path, num_threads: int | None = 1):
         prefix = Path(prefix)
         self.path = _need(prefix.with_name(prefix.name + ".bed"))
@@ -125,6 +127,15 @@ class PgenReader:
         self._open().read_range(start, stop, out, allele_idx=1)
         out[out < 0] = MISSING
         return out
+
+
+def _check_bed_size(path: Path, n_samples: int, n_variants: int) -> None:
+    # bed-reader checks the size only when reading; a truncated file should fail here, with its name.
+    expected = 3 + n_variants * ((n_samples + 3) // 4)  # magic bytes, then one byte per 4 samples per variant
+    size = path.stat().st_size
+    if size != expected:
+        raise InputError(path, f"{size} bytes, but {n_samples} samples × {n_variants} variants need {expected} "
+                               f"({'truncated' if size < expected else 'too long'}; do the .fam and .bim belong to it?)")
 
 
 def open_source(bfile: str | Path | None = None, pfile: str | Path | None = None, store: str | Path | None = None):

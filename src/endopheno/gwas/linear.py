@@ -35,6 +35,8 @@ modelling; use PCs as covariates for structure).
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,35 +147,53 @@ class BlockResult:
 
 def decode(dosages: np.ndarray, dtype=np.float64):
     """Zero-filled dosages, missing-call indicator (sparse), Σg, Σg² and missing counts per variant."""
+    m, n = dosages.shape
+    g = _buffer((m, n), dtype)
+    np.copyto(g, dosages, casting="unsafe")
     if dosages.dtype == np.int8:
-        lut = np.zeros(256, dtype=dtype)
-        lut[1], lut[2] = 1, 2  # every other byte (MISSING = -127) decodes to 0
-        g = lut[dosages.view(np.uint8)]
-        ones = np.count_nonzero(dosages == 1, axis=1)
-        twos = np.count_nonzero(dosages == 2, axis=1)
-        missing = dosages == MISSING
-        s1, s2 = (ones + 2.0 * twos), (ones + 4.0 * twos)
+        flat = np.flatnonzero(dosages == MISSING)
+        rows, cols = np.divmod(flat, n)
+        g.flat[flat] = 0
+        n_missing = np.bincount(rows, minlength=m)
+        s1 = dosages.sum(axis=1, dtype=np.int64) - int(MISSING) * n_missing  # missing calls add MISSING each
+        s2 = s1 + 2 * np.count_nonzero(dosages == 2, axis=1)  # 1² = 1, 2² = 2 + 2
+        s1, s2 = s1.astype(np.float64), s2.astype(np.float64)
     else:
-        missing = np.isnan(dosages)
-        g = np.where(missing, 0, dosages).astype(dtype, copy=False)
+        rows, cols = np.nonzero(np.isnan(dosages))
+        g[rows, cols] = 0
+        n_missing = np.bincount(rows, minlength=m)
         s1 = g.sum(axis=1, dtype=np.float64)
         s2 = np.einsum("ij,ij->i", g, g, dtype=np.float64)
-    n_missing = np.count_nonzero(missing, axis=1)
-    indicator = scipy.sparse.csr_matrix(missing) if n_missing.any() else None
+    indicator = (scipy.sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(m, n)) if len(rows) else None)
     return g, indicator, s1, s2, n_missing
 
 
+_buffers = threading.local()
+
+
+def _buffer(shape: tuple[int, int], dtype) -> np.ndarray:
+    """A decode buffer reused by each thread: a fresh 100+ MB array per block costs more in page faults
+    than the decoding itself."""
+    key = (np.dtype(dtype).str, shape[1])
+    cache = _buffers.__dict__
+    if key not in cache or cache[key].shape[0] < shape[0]:
+        cache[key] = np.empty(shape, dtype=dtype)
+    return cache[key][: shape[0]]
+
+
 def associate_block(dosages: np.ndarray, group: PhenotypeGroup, *, missing: str = "exact",
-                    precision: str = "float64", product=None) -> BlockResult:
+                    precision: str = "float64", product=None, timer: dict | None = None) -> BlockResult:
     """Test every variant of `dosages` (variants × all samples) against every phenotype of `group`.
 
     `product(g, y)` computes the big matrix product; the default is numpy (BLAS). The GPU path passes a
     torch implementation. `precision="float32"` does that product in single precision; every side
-    term stays in float64.
+    term stays in float64. `timer`, if given, accumulates the seconds spent in each phase.
     """
+    lap = Laps(timer)
     block = dosages if group.all_samples else dosages[:, group.samples]
     dtype = np.float32 if precision == "float32" else np.float64
     g, indicator, s1, s2, n_missing = decode(block, dtype)
+    lap("decode")
     n = group.y.shape[0] - n_missing
     k = group.k
     product = product or _numpy_product
@@ -184,6 +204,7 @@ def associate_block(dosages: np.ndarray, group: PhenotypeGroup, *, missing: str 
         gy = product(g, group.operand(precision)).astype(np.float64)
         w = g @ group.q  # float64: g̃ᵀg̃ = gᵀg − ‖w‖² cancels, and float32 would leave constant variants testable
     del g
+    lap("product")
     gg = s2 - np.einsum("mk,mk->m", w, w)
     yy = np.broadcast_to(group.yy, gy.shape).copy()
     a1_freq = np.divide(s1, 2.0 * n, out=np.full(len(n), np.nan), where=n > 0)
@@ -196,7 +217,23 @@ def associate_block(dosages: np.ndarray, group: PhenotypeGroup, *, missing: str 
         else:
             _mean_imputation(rows, sums, n_missing, s1, w, gy, gg, s2, group)
             n = np.full_like(n, group.y.shape[0])
-    return _statistics(group.names, n, k, a1_freq, gy, gg, yy, s2)
+    lap("missing correction")
+    result = _statistics(group.names, n, k, a1_freq, gy, gg, yy, s2)
+    lap("statistics and p")
+    return result
+
+
+class Laps:
+    """Adds the seconds since the previous lap to ``timer[name]`` (a no-op without a timer)."""
+
+    def __init__(self, timer: dict | None):
+        self.timer, self.t = timer, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        if self.timer is not None:
+            now = time.perf_counter()
+            self.timer[name] = self.timer.get(name, 0.0) + now - self.t
+            self.t = now
 
 
 def _exact_correction(rows, sums, w, gy, gg, yy, s2, k, p):

@@ -1,0 +1,54 @@
+"""MLflow, the project's record of every model, version and association run.
+
+The tracking store is sqlite (``sqlite:///stores/mlflow.db`` by default: MLflow ≥ 3.13 refuses the plain
+``./mlruns`` file store) with artifacts under ``stores/mlartifacts``; ``MLFLOW_TRACKING_URI`` overrides
+it. Every run is tagged with the git revision it ran from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+DEFAULT_URI = "sqlite:///stores/mlflow.db"
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def git_revision(cwd: str | Path = ".") -> str:
+    """The commit checked out, with ``-dirty`` when tracked files differ from it; "unknown" outside git."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@contextlib.contextmanager
+def mlflow_run(experiment: str, run_name: str, *, uri: str | None = None, tags: dict | None = None) -> Iterator:
+    """Start an MLflow run in `experiment` (created with its artifacts beside the sqlite store)."""
+    import mlflow
+
+    for noisy in ("mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    uri = tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        artifacts = (db.parent / "mlartifacts" / experiment).resolve().as_uri()
+    else:
+        artifacts = None
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else mlflow.create_experiment(experiment, artifact_location=artifacts)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                          tags={"git_revision": git_revision(), **(tags or {})}) as run:
+        yield run
