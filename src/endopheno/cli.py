@@ -3,12 +3,14 @@ a run that finished but rejected some inputs exits 1 after its summary."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -113,6 +115,112 @@ def preprocess(
     err.print(f"{report.summary()} in {seconds:.1f} s ({60 * len(report.processed) / seconds:.1f} subjects/min); QC in {qc_dir}")
     if report.failed:
         raise typer.Exit(1)
+
+
+genotypes_app = typer.Typer(no_args_is_help=True, help="The genotype store: PLINK files in; QC'd dosages, tables and PCs out.")
+app.add_typer(genotypes_app, name="genotypes")
+
+
+@genotypes_app.command("import")
+def genotypes_import(
+    out: Path = typer.Option(..., help="Genotype store folder to write, e.g. stores/genotypes/<name> (replaced whole)."),
+    bfile: Optional[Path] = typer.Option(None, help="PLINK 1 prefix: PREFIX.bed/.bim/.fam."),
+    pfile: Optional[Path] = typer.Option(None, help="PLINK 2 prefix: PREFIX.pgen/.pvar/.psam."),
+    subjects: Optional[Path] = typer.Option(None, help="Imaging subjects to match sample IIDs against: the volume store or a participants.tsv."),
+    params: Path = typer.Option(Path("params.yaml"), help="Parameter file; its `genotypes` section (QC, PCA, chunking, seed) is used if present."),
+    workers: Optional[int] = typer.Option(None, help="Threads computing the PCs (default: one per core)."),
+    scheduler: Optional[str] = SCHEDULER,
+) -> None:
+    """Import PLINK genotypes: sample and variant QC, Zarr dosages, Parquet tables, genetic PCs."""
+    from endopheno.genotypes.ids import imaging_subjects
+    from endopheno.genotypes.importer import ImportParams, import_genotypes
+    from endopheno.genotypes.sources import open_source
+    from endopheno.params import load_params
+
+    if (bfile is None) == (pfile is None):
+        raise EndophenoError("genotypes import: give exactly one of --bfile PREFIX or --pfile PREFIX")
+    p = ImportParams.from_dict(load_params(None, params).get("genotypes") if params.exists() else None)
+    t0 = time.perf_counter()
+    source = open_source(bfile=bfile, pfile=pfile)
+    ids = imaging_subjects(subjects) if subjects else None
+    report = import_genotypes(source, out, p, subjects=ids, subjects_from=str(subjects) if subjects else None,
+                              workers=workers, scheduler=scheduler)
+    err.print(f"{report.summary()} in {time.perf_counter() - t0:.1f} s", soft_wrap=True)
+
+@app.command()
+def gwas(
+    out: Path = typer.Option(..., help="Output folder: results/ (Parquet), hits, loci, plots, summary.json."),
+    pheno: Path = typer.Option(..., help="Phenotype table (PLINK 2 style: header, [FID] IID, NA = missing)."),
+    bfile: Optional[Path] = typer.Option(None, help="PLINK 1 prefix: PREFIX.bed/.bim/.fam."),
+    pfile: Optional[Path] = typer.Option(None, help="PLINK 2 prefix: PREFIX.pgen/.pvar/.psam."),
+    genotypes: Optional[Path] = typer.Option(None, help="Genotype store folder (from `endopheno genotypes import`)."),
+    pheno_name: Optional[str] = typer.Option(None, help="Comma-separated phenotype columns (default: all)."),
+    covar: Optional[Path] = typer.Option(None, help="Covariate table, same conventions as --pheno."),
+    covar_name: Optional[str] = typer.Option(None, help="Comma-separated covariate columns (default: all)."),
+    pcs: int = typer.Option(0, help="Add the genotype store's first N genetic PCs as covariates."),
+    missing: Optional[str] = typer.Option(None, help="Missing genotype calls: exact (drop the sample, as PLINK 2) | mean."),
+    precision: Optional[str] = typer.Option(None, help="float64 | float32 (the big product only)."),
+    min_maf: Optional[float] = typer.Option(None, help="Skip variants below this minor allele frequency."),
+    min_mac: Optional[float] = typer.Option(None, help="Skip variants below this minor allele count."),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | auto: where the big product runs."),
+    block_variants: Optional[int] = typer.Option(None, help="Variants per block (memory ∝ block × samples)."),
+    mlflow: bool = typer.Option(True, help="Record the run in MLflow."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite:///stores/mlflow.db)."),
+    params: Path = typer.Option(Path("params.yaml"), help="Parameter file; its `gwas` section gives the defaults."),
+    workers: Optional[int] = WORKERS,
+    scheduler: Optional[str] = SCHEDULER,
+) -> None:
+    """Test every phenotype against every variant (linear regression with covariates, exact like plink2 --glm)."""
+    import pandas as pd
+
+    from endopheno.genotypes.sources import open_source
+    from endopheno.gwas.phenotypes import Aligned, align, read_table
+    from endopheno.gwas.results import ClumpParams
+    from endopheno.gwas.run import GwasOptions, scan
+    from endopheno.gwas.study import StudySettings, analyse, track
+    from endopheno.params import load_params
+
+    section = dict(load_params(None, params).get("gwas") or {}) if params.exists() else {}
+    given = {"missing": missing, "precision": precision, "min_maf": min_maf, "min_mac": min_mac, "device": device,
+             "block_variants": block_variants, "workers": workers, "scheduler": scheduler}
+    options = GwasOptions(**{k: v for k, v in {**section, **given}.items()
+                             if v is not None and k in GwasOptions.__dataclass_fields__})
+    settings = StudySettings(genome_wide=section.get("genome_wide", 5e-8), clump=ClumpParams(**section.get("clump", {})))
+    source = open_source(bfile=bfile, pfile=pfile, store=genotypes)
+    split = (lambda names: [n.strip() for n in names.split(",") if n.strip()] if names else None)
+    phenotypes = align(read_table(pheno, split(pheno_name)), source.samples)
+    covariates = align(read_table(covar, split(covar_name), kind="covariate"), source.samples) if covar else None
+    if pcs:
+        columns = [f"pc{i}" for i in range(1, pcs + 1)]
+        if not set(columns) <= set(source.samples.columns):
+            raise EndophenoError(f"gwas: --pcs {pcs} needs a genotype store with at least {pcs} PCs (--genotypes)")
+        pc_values = source.samples[columns].to_numpy(dtype=float)
+        covariates = Aligned(pc_values, columns) if covariates is None else Aligned(
+            np.hstack([covariates.values, pc_values]), covariates.names + columns, covariates.unmatched)
+    for what, table in (("phenotype", phenotypes), ("covariate", covariates)):
+        if table is not None and table.unmatched:
+            err.print(f"[yellow]{len(table.unmatched)} {what} rows match no genotyped sample[/yellow] "
+                      f"(first: {', '.join(table.unmatched[:5])}); they are not used", soft_wrap=True)
+    without = int(np.isnan(phenotypes.values).all(axis=1).sum())
+    if without:
+        err.print(f"{without} of {len(source.samples)} genotyped samples have no phenotype value")
+
+    summary = scan(source, phenotypes, covariates, out, options)
+    study = analyse(out, source, phenotypes, covariates, settings)
+    run_id = None
+    if mlflow:
+        inputs = {"genotypes": str(source.path), "genotypes_digest": getattr(source, "digest", ""),
+                  "pheno": str(pheno), "phenotypes": len(phenotypes.names),
+                  "covariates": ",".join(covariates.names) if covariates else ""}
+        scan_record = json.loads((out / "scan.json").read_text())
+        run_id = track(out, study, scan_record, inputs, uri=tracking_uri or section.get("tracking_uri"), settings=settings)
+    untested = sum(summary.untested.values())
+    err.print(f"gwas: {len(phenotypes.names)} phenotypes × {summary.variants} variants: {summary.tests} tests in "
+              f"{summary.seconds:.1f} s ({summary.tests_per_second:,.0f}/s)"
+              + (f", {untested} untestable ({', '.join(summary.untested)})" if untested else "")
+              + f"; λGC median {study['lambda_gc_median']:.3f}; {study['hits_genome_wide']} genome-wide hits in "
+              f"{study['loci']} loci ({study['loci_study_wide']} study-wide); results in {out}"
+              + (f"; MLflow run {run_id}" if run_id else ""), soft_wrap=True)
 
 
 def main() -> None:

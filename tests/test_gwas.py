@@ -1,0 +1,234 @@
+"""The association engine against statsmodels (to 1e-8) and plink2 --glm (to its printed precision)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import cli
+from endopheno.genotypes.sources import MISSING, BedSource, PgenSource
+from endopheno.gwas.linear import associate_block, phenotype_groups, t_test_p
+from endopheno.gwas.phenotypes import align, read_table
+from endopheno.gwas.run import GwasOptions, _torch_product, scan
+from endopheno.gwas.simulate import write_study
+
+PLINK2 = shutil.which("plink2")
+needs_plink2 = pytest.mark.skipif(PLINK2 is None, reason="plink2 is not installed (apt-get install plink2)")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """500 samples, 400 variants (2% missing calls), 5 phenotypes (5% missing), 3 covariates, 2 causal."""
+    return write_study(tmp_path_factory.mktemp("study"), samples=500, variants=400, phenotypes=5,
+                       missing_genotypes=0.02, missing_phenotypes=0.05, causal={7: 1.0, 300: 0.8}, seed=3)
+
+
+def small_problem(seed=0, n=240, m=30, p=4):
+    rng = np.random.default_rng(seed)
+    dosages = rng.binomial(2, rng.uniform(0.05, 0.5, (m, 1)), (m, n)).astype(np.int8)
+    dosages[rng.random((m, n)) < 0.05] = MISSING
+    covariates = rng.normal(size=(n, 3))
+    y = rng.normal(size=(n, p)) + 0.4 * np.clip(dosages[0], 0, 2)[:, None]
+    y[rng.random((n, p)) < 0.1] = np.nan
+    y[:, 1] = y[:, 0] + 1  # same missingness as y0: one group with two phenotypes
+    return dosages, covariates, y
+
+
+@pytest.mark.parametrize("missing", ["exact", "mean"])
+def test_kernel_matches_statsmodels(missing):
+    import statsmodels.api as sm
+
+    dosages, covariates, y = small_problem()
+    names = [f"y{j}" for j in range(y.shape[1])]
+    groups = phenotype_groups(y, covariates, names)
+    assert len(groups) == y.shape[1] - 1
+    checked = 0
+    for group in groups:
+        r = associate_block(dosages, group, missing=missing)
+        for j, name in enumerate(group.names):
+            pheno = y[:, names.index(name)]
+            for v in range(len(dosages)):
+                g = dosages[v].astype(float)
+                g[dosages[v] == MISSING] = np.nan
+                if missing == "mean":
+                    g[np.isnan(g)] = np.nanmean(g[~np.isnan(pheno)])
+                use = ~np.isnan(pheno) & ~np.isnan(g)
+                fit = sm.OLS(pheno[use], np.column_stack([np.ones(use.sum()), g[use], covariates[use]])).fit()
+                assert r.n[v] == use.sum()
+                np.testing.assert_allclose(r.beta[v, j], fit.params[1], rtol=1e-8)
+                np.testing.assert_allclose(r.se[v, j], fit.bse[1], rtol=1e-8)
+                np.testing.assert_allclose(r.p[v, j], fit.pvalues[1], rtol=1e-8)
+                checked += 1
+    assert checked == len(dosages) * y.shape[1]
+
+
+def test_float32_product_stays_within_1e4_of_float64_in_t():
+    rng = np.random.default_rng(5)
+    n = 4000
+    dosages = rng.binomial(2, rng.uniform(0.01, 0.5, (200, 1)), (200, n)).astype(np.int8)
+    dosages[rng.random(dosages.shape) < 0.01] = MISSING
+    y = rng.normal(size=(n, 8)) + 0.2 * np.clip(dosages[:8].T, 0, 2)
+    group = phenotype_groups(y, rng.normal(size=(n, 3)), [f"y{j}" for j in range(8)])[0]
+    t64 = associate_block(dosages, group).t_stat
+    t32 = associate_block(dosages, group, precision="float32").t_stat
+    assert np.abs(t64).max() > 5  # real signal among the tests
+    assert np.nanmax(np.abs(t32 - t64)) < 1e-4
+
+
+def test_torch_product_matches_numpy():
+    dosages, covariates, y = small_problem(1)
+    group = phenotype_groups(y[:, :1], covariates, ["y0"])[0]
+    expected = associate_block(dosages, group)
+    got = associate_block(dosages, group, product=_torch_product("cpu"))
+    np.testing.assert_allclose(got.t_stat, expected.t_stat, rtol=1e-10)
+
+
+@pytest.mark.gpu
+def test_cuda_product_matches_numpy():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    dosages, covariates, y = small_problem(2)
+    group = phenotype_groups(y[:, :2], covariates, ["y0", "y1"])[0]
+    for precision, tol in (("float64", 1e-10), ("float32", 1e-4)):
+        got = associate_block(dosages, group, precision=precision, product=_torch_product("cuda"))
+        expected = associate_block(dosages, group)
+        assert np.nanmax(np.abs(got.t_stat - expected.t_stat)) < tol
+
+
+def test_log10_p_is_exact_beyond_double_underflow():
+    from mpmath import mp, betainc
+
+    mp.dps = 50
+    t, df = np.array([3.0, 40.0, 80.0]), np.array([100.0, 500.0, 5000.0])
+    p, log10_p = t_test_p(t, df)
+    for ti, di, lp in zip(t, df, log10_p):
+        exact = -mp.log10(betainc(di / 2, 0.5, 0, di / (di + ti**2), regularized=True))
+        assert abs(lp - float(exact)) < 1e-9 * float(exact)
+    assert p[2] == 0 and log10_p[2] > 300
+
+
+def test_untestable_variants_are_reported_not_invented():
+    dosages, covariates, y = small_problem(3, m=4)
+    dosages[1] = 1               # constant
+    dosages[2] = MISSING         # never called
+    dosages[3, 5:] = MISSING     # five observations for a model with five parameters
+    r = associate_block(dosages, phenotype_groups(y[:, :1], covariates, ["y0"])[0])
+    assert r.reason[0] == "" and np.isfinite(r.t_stat[0]).all()
+    assert r.reason[1] == "constant or collinear with covariates"
+    assert r.reason[2] == "too few observations" and r.reason[3] == "too few observations"
+    assert np.isnan(r.beta[1:]).all() and np.isnan(r.p[1:]).all()
+
+
+def read_plink(prefix, name):
+    return pd.read_csv(f"{prefix}.{name}.glm.linear", sep="\t")
+
+
+@needs_plink2
+def test_cli_reproduces_plink2_glm(study, tmp_path):
+    """BETA and SE within 1e-5 relative, |Δ log10 p| ≤ 1e-5, same OBS_CT and A1 (plink2 prints 6 digits)."""
+    folder = study.parent
+    subprocess.run([PLINK2, "--bfile", study, "--pheno", folder / "pheno.tsv", "--covar", folder / "covar.tsv",
+                    "--glm", "hide-covar", "omit-ref", "--threads", "1", "--out", tmp_path / "plink"],
+                   check=True, capture_output=True)
+    cli("gwas", "--bfile", str(study), "--pheno", str(folder / "pheno.tsv"), "--covar", str(folder / "covar.tsv"),
+        "--out", str(tmp_path / "ours"), "--no-mlflow", "--workers", "2", "--block-variants", "128", check=0)
+    ours = pq.read_table(tmp_path / "ours" / "results").to_pandas()
+    assert len(ours) == 400 * 5 and ours["reason"].isna().all()
+    for name in [f"y{j}" for j in range(5)]:
+        plink = read_plink(tmp_path / "plink", name)
+        both = ours[ours.phenotype == name].merge(plink, left_on="id", right_on="ID", validate="1:1")
+        assert len(both) == 400
+        assert (both.a1 == both.A1).all() and (both.n == both.OBS_CT).all()
+        assert both.n.nunique() > 10  # missing calls really varied the sample sets
+        assert np.max(np.abs(both.beta - both.BETA) / np.abs(both.BETA)) < 1e-5
+        assert np.max(np.abs(both.se - both.SE) / both.SE) < 1e-5
+        assert np.max(np.abs(both.log10_p + np.log10(both.P))) < 1e-5
+    summary = json.loads((tmp_path / "ours" / "summary.json").read_text())
+    leads = {(row["phenotype"], row["lead_id"]) for row in pd.read_parquet(tmp_path / "ours" / "loci.parquet").to_dict("records")}
+    causal = BedSource(study).variants["id"].iloc[[7, 300]]
+    assert {(f"y{j}", causal.iloc[0]) for j in (0, 2, 4)} <= leads   # the strong causal variant, every even phenotype
+    assert not any(name in {"y1", "y3"} for name, _ in leads)        # and nothing for the null ones
+    assert summary["hits_genome_wide"] >= 3
+
+
+@needs_plink2
+def test_pgen_input_gives_the_same_results(study, tmp_path):
+    subprocess.run([PLINK2, "--bfile", study, "--make-pgen", "--out", tmp_path / "study"], check=True, capture_output=True)
+    bed, pgen = BedSource(study), PgenSource(tmp_path / "study")
+    np.testing.assert_array_equal(bed.read(0, 400), pgen.read(0, 400))
+    assert (bed.variants == pgen.variants).all(axis=None)
+    pheno = align(read_table(study.parent / "pheno.tsv"), bed.samples)
+    runs = [scan(src, pheno, None, tmp_path / kind, GwasOptions(workers=1))
+            for kind, src in (("bed", bed), ("pgen", pgen))]
+    assert runs[0].tests == runs[1].tests == 400 * 5
+    a, b = (pq.read_table(tmp_path / k / "results").to_pandas() for k in ("bed", "pgen"))
+    pd.testing.assert_frame_equal(a.astype({"id": str}), b.astype({"id": str}))
+
+
+def test_null_phenotypes_keep_type_one_error(tmp_path):
+    prefix = write_study(tmp_path, samples=1500, variants=1500, phenotypes=12, missing_genotypes=0.01, seed=11)
+    bed = BedSource(prefix)
+    scan(bed, align(read_table(tmp_path / "pheno.tsv"), bed.samples),
+         align(read_table(tmp_path / "covar.tsv"), bed.samples), tmp_path / "out", GwasOptions(workers=2))
+    p = pq.read_table(tmp_path / "out" / "results", columns=["p"]).column("p").to_numpy()
+    from scipy import stats
+
+    lam = stats.chi2.isf(np.median(p), 1) / stats.chi2.ppf(0.5, 1)
+    assert len(p) == 18000 and 0.95 <= lam <= 1.05
+    assert 0.0075 <= np.mean(p < 0.01) <= 0.0125
+    assert 0.04 <= np.mean(p < 0.05) <= 0.06
+
+
+def test_runs_on_an_existing_dask_cluster(study, tmp_path):
+    from dask.distributed import LocalCluster
+
+    bed = BedSource(study)
+    pheno = align(read_table(study.parent / "pheno.tsv"), bed.samples)
+    covar = align(read_table(study.parent / "covar.tsv"), bed.samples)
+    scan(bed, pheno, covar, tmp_path / "local", GwasOptions(workers=1))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        scan(bed, pheno, covar, tmp_path / "cluster", GwasOptions(scheduler=cluster.scheduler_address, block_variants=100))
+    a, b = (pq.read_table(tmp_path / k / "results").to_pandas().sort_values(["phenotype", "id"], ignore_index=True)
+            for k in ("local", "cluster"))
+    pd.testing.assert_frame_equal(a.astype({"id": str, "chrom": str}), b.astype({"id": str, "chrom": str}))
+
+
+def test_phenotype_tables_follow_plink_conventions(tmp_path):
+    samples = pd.DataFrame({"fid": ["f1", "f2", "f3"], "iid": ["a", "b", "c"]})
+    (tmp_path / "p.tsv").write_text("#FID\tIID\tx\ty\nf1\ta\t1.5\tNA\nf2\tb\t-9\t2\nf9\tz\t3\t3\n")
+    table = align(read_table(tmp_path / "p.tsv"), samples)
+    np.testing.assert_array_equal(table.values, [[1.5, np.nan], [np.nan, 2.0], [np.nan, np.nan]])
+    assert table.unmatched == ["f9 z"]
+    (tmp_path / "c.tsv").write_text("IID sex site\na M 1\nb F -9\nc NA 2\n")
+    covar = align(read_table(tmp_path / "c.tsv", kind="covariate"), samples)
+    assert covar.names == ["sex_M", "site"]
+    np.testing.assert_array_equal(covar.values, [[1, 1], [0, -9], [np.nan, 2]])  # -9 is a value for covariates
+
+
+@pytest.mark.parametrize("content, message", [
+    ("FID\tx\nf1\t1\n", "must start with IID"),
+    ("IID\tx\ns000000\tabc\n", "x of sample s000000 is not a number ('abc')"),
+    ("IID\tx\ns000000\t1\ns000000\t2\n", "sample s000000 appears more than once"),
+])
+def test_bad_phenotype_file_is_one_clear_line(study, tmp_path, content, message):
+    (tmp_path / "bad.tsv").write_text(content)
+    proc = cli("gwas", "--bfile", str(study), "--pheno", str(tmp_path / "bad.tsv"), "--out", str(tmp_path / "o"),
+               "--no-mlflow", check=2)
+    assert message in proc.stderr and "bad.tsv" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_collinear_covariates_are_named(study, tmp_path):
+    covar = pd.read_csv(study.parent / "covar.tsv", sep="\t")
+    covar["c3"] = 2 * covar["c0"]
+    covar.to_csv(tmp_path / "covar.tsv", sep="\t", index=False)
+    proc = cli("gwas", "--bfile", str(study), "--pheno", str(study.parent / "pheno.tsv"), "--covar",
+               str(tmp_path / "covar.tsv"), "--out", str(tmp_path / "o"), "--no-mlflow", check=2)
+    assert "c3 constant or collinear" in proc.stderr
