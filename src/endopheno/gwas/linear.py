@@ -72,12 +72,11 @@ class PhenotypeGroup:
         return self.q.shape[1]
 
     def operand(self, precision: str) -> np.ndarray:
-        """The right-hand side of the big product: [ỹ | Q] in float64 (one GEMM gives gᵀỹ and Qᵀg),
-        ỹ alone in float32. Cached, so that a device copy of it can be reused across blocks."""
+        """The right-hand side of the big product, [ỹ | Q], so that one GEMM gives gᵀỹ and Qᵀg. Cached,
+        so that a device copy of it can be reused across blocks."""
         self._operands = self._operands or {}
         if precision not in self._operands:
-            self._operands[precision] = (np.hstack([self.y, self.q]) if precision == "float64"
-                                         else self.y.astype(np.float32))
+            self._operands[precision] = np.hstack([self.y, self.q]).astype(precision)
         return self._operands[precision]
 
     def side(self, missing: str) -> np.ndarray:
@@ -197,12 +196,13 @@ def associate_block(dosages: np.ndarray, group: PhenotypeGroup, *, missing: str 
     n = group.y.shape[0] - n_missing
     k = group.k
     product = product or _numpy_product
-    if dtype == np.float64:
-        both = product(g, group.operand(precision))
-        gy, w = both[:, : group.y.shape[1]], both[:, group.y.shape[1]:]
-    else:
-        gy = product(g, group.operand(precision)).astype(np.float64)
-        w = g @ group.q  # float64: g̃ᵀg̃ = gᵀg − ‖w‖² cancels, and float32 would leave constant variants testable
+    both = product(g, group.operand(precision))
+    gy, w = both[:, : group.y.shape[1]].astype(np.float64), both[:, group.y.shape[1]:].astype(np.float64)
+    if dtype == np.float32:
+        # Q's first column is the constant 1/√n (QR of [1, C]): its product is Σg·q₀, exact from the counts.
+        # The other columns sum to zero, so float32 keeps them accurate; the constant one would not,
+        # and g̃ᵀg̃ = gᵀg − ‖w‖² would cancel badly (constant variants would look testable).
+        w[:, 0] = s1 * group.q[0, 0]
     del g
     lap("product")
     gg = s2 - np.einsum("mk,mk->m", w, w)
