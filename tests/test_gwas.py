@@ -232,3 +232,46 @@ def test_collinear_covariates_are_named(study, tmp_path):
     proc = cli("gwas", "--bfile", str(study), "--pheno", str(study.parent / "pheno.tsv"), "--covar",
                str(tmp_path / "covar.tsv"), "--out", str(tmp_path / "o"), "--no-mlflow", check=2)
     assert "c3 constant or collinear" in proc.stderr
+
+
+def test_killed_scan_leaves_the_previous_results(study, tmp_path):
+    import os
+    import signal
+    import time
+
+    args = ["gwas", "--bfile", str(study), "--pheno", str(study.parent / "pheno.tsv"), "--out", str(tmp_path),
+            "--no-mlflow", "--workers", "1"]
+    cli(*args, check=0)
+    before = pq.read_table(tmp_path / "results").to_pandas()
+    exe = str(__import__("pathlib").Path(__import__("sys").executable).with_name("endopheno"))
+    proc = subprocess.Popen([exe, *args, "--block-variants", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not list((tmp_path / ".partial" / "results").glob("part-*.parquet")):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    pd.testing.assert_frame_equal(pq.read_table(tmp_path / "results").to_pandas(), before)
+    cli(*args, check=0)  # a rerun completes and clears the partial folder
+    assert not (tmp_path / ".partial").exists()
+
+
+def test_gwas_run_is_recorded_in_mlflow_with_plots(study, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "run"
+    proc = cli("gwas", "--bfile", str(study), "--pheno", str(study.parent / "pheno.tsv"), "--covar",
+               str(study.parent / "covar.tsv"), "--out", str(out), "--tracking-uri", uri, "--workers", "1", check=0)
+    run_id = proc.stderr.split("MLflow run ")[-1].split()[0]
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    summary = json.loads((out / "summary.json").read_text())
+    assert run.data.metrics["hits_genome_wide"] == summary["hits_genome_wide"] >= 3
+    assert 0.8 < run.data.metrics["lambda_gc.y1"] < 1.2
+    assert run.data.params["genotypes"].endswith("study.bed") and run.data.tags["git_revision"]
+    artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert {"summary.json", "loci.parquet", "plots/qq.png", "plots/manhattan_all.png", "plots/manhattan_y0.png"} <= artifacts
+    for png in (out / "plots").glob("*.png"):
+        assert min(Image.open(png).size) > 300
+    leads = pd.read_parquet(out / "leads.parquet")
+    assert {"intercept", "c0", "c1", "c2"} <= set(leads["term"])  # covariate coefficients of each lead model

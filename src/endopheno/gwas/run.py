@@ -103,12 +103,14 @@ def scan(source, phenotypes: Aligned, covariates: Aligned | None, out: str | Pat
                 summary.untested[reason] = summary.untested.get(reason, 0) + count
     summary.seconds = time.perf_counter() - t0
     (partial_dir / "scan.json").write_text(json.dumps({**asdict(summary), "options": asdict(options)}, indent=1))
+    # The previous results are moved aside only once the new ones are complete, then swapped in.
+    stale = partial_dir / "stale"
+    stale.mkdir()
     for name in ("results", "scan.json"):
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        (partial_dir / name).replace(target)
-    partial_dir.rmdir()
+        if (out / name).exists():
+            (out / name).replace(stale / name)
+        (partial_dir / name).replace(out / name)
+    shutil.rmtree(partial_dir)
     return summary
 
 

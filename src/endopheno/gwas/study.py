@@ -79,7 +79,7 @@ def track(out: str | Path, summary: dict, scan: dict, inputs: dict, *, uri: str 
 
     settings = settings or StudySettings()
     out = Path(out)
-    with _mlflow_run(out, inputs) as run:
+    with _mlflow_run(out, inputs, uri) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in {**inputs, **scan.get("options", {})}.items()})
         metrics = {"lambda_gc_median": summary["lambda_gc_median"], "hits_genome_wide": summary["hits_genome_wide"],
                    "hits_study_wide": summary["hits_study_wide"], "loci": summary["loci"],
@@ -94,8 +94,8 @@ def track(out: str | Path, summary: dict, scan: dict, inputs: dict, *, uri: str 
         return run.info.run_id
 
 
-def _mlflow_run(out: Path, inputs: dict):
+def _mlflow_run(out: Path, inputs: dict, uri: str | None):
     from endopheno.tracking import mlflow_run
 
-    return mlflow_run("endopheno.gwas", f"gwas {out.name}", tags={"endopheno.kind": "gwas",
+    return mlflow_run("endopheno.gwas", f"gwas {out.name}", uri=uri, tags={"endopheno.kind": "gwas",
                       "genotypes_digest": inputs.get("genotypes_digest", ""), "out": str(out)})
