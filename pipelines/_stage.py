@@ -8,8 +8,9 @@ from endopheno.params import load_params
 
 
 def run(command: str, options: dict) -> None:
-    """Run `endopheno <command>` with `--key value` for every option that is set (True -> a flag)."""
-    args = [command]
+    """Run `endopheno <command>` (e.g. "genotypes import") with `--key value` for every option that is
+    set (True -> a flag)."""
+    args = command.split()
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
         if value is True:

@@ -28,7 +28,7 @@ SCHEDULER = typer.Option(None, help="Address of an existing dask scheduler (e.g.
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=err, show_path=False, show_time=False)], force=True)
-    for noisy in ("msprime", "distributed", "numcodecs", "matplotlib", "asyncio", "tornado", "bed_reader", "root"):
+    for noisy in ("msprime", "distributed", "numcodecs", "matplotlib", "asyncio", "tornado", "bed_reader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -132,13 +132,13 @@ def genotypes_import(
     scheduler: Optional[str] = SCHEDULER,
 ) -> None:
     """Import PLINK genotypes: sample and variant QC, Zarr dosages, Parquet tables, genetic PCs."""
+    if (bfile is None) == (pfile is None):
+        raise EndophenoError("genotypes import: give exactly one of --bfile PREFIX or --pfile PREFIX")
     from endopheno.genotypes.ids import imaging_subjects
     from endopheno.genotypes.importer import ImportParams, import_genotypes
     from endopheno.genotypes.sources import open_source
     from endopheno.params import load_params
 
-    if (bfile is None) == (pfile is None):
-        raise EndophenoError("genotypes import: give exactly one of --bfile PREFIX or --pfile PREFIX")
     p = ImportParams.from_dict(load_params(None, params).get("genotypes") if params.exists() else None)
     t0 = time.perf_counter()
     source = open_source(bfile=bfile, pfile=pfile)
@@ -146,6 +146,7 @@ def genotypes_import(
     report = import_genotypes(source, out, p, subjects=ids, subjects_from=str(subjects) if subjects else None,
                               workers=workers, scheduler=scheduler)
     err.print(f"{report.summary()} in {time.perf_counter() - t0:.1f} s", soft_wrap=True)
+
 
 @app.command()
 def gwas(
@@ -171,20 +172,18 @@ def gwas(
     scheduler: Optional[str] = SCHEDULER,
 ) -> None:
     """Test every phenotype against every variant (linear regression with covariates, exact like plink2 --glm)."""
-    import pandas as pd
-
     from endopheno.genotypes.sources import open_source
     from endopheno.gwas.phenotypes import Aligned, align, read_table
     from endopheno.gwas.results import ClumpParams
     from endopheno.gwas.run import GwasOptions, scan
     from endopheno.gwas.study import StudySettings, analyse, track
-    from endopheno.params import load_params
+    from endopheno.params import from_section, load_params
 
     section = dict(load_params(None, params).get("gwas") or {}) if params.exists() else {}
     given = {"missing": missing, "precision": precision, "min_maf": min_maf, "min_mac": min_mac, "device": device,
              "block_variants": block_variants, "workers": workers, "scheduler": scheduler}
-    options = GwasOptions(**{k: v for k, v in {**section, **given}.items()
-                             if v is not None and k in GwasOptions.__dataclass_fields__})
+    options = from_section(GwasOptions, {**section, **{k: v for k, v in given.items() if v is not None}}, "gwas",
+                           ignore={"genome_wide", "clump", "tracking_uri"})
     settings = StudySettings(genome_wide=section.get("genome_wide", 5e-8), clump=ClumpParams(**section.get("clump", {})))
     source = open_source(bfile=bfile, pfile=pfile, store=genotypes)
     split = (lambda names: [n.strip() for n in names.split(",") if n.strip()] if names else None)

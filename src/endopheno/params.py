@@ -22,3 +22,15 @@ def load_params(section: str | None = None, path: str | Path = "params.yaml") ->
     if section not in params:
         raise EndophenoError(f"{path}: has no section '{section}'")
     return params[section]
+
+
+def from_section(cls, section: dict | None, name: str, ignore: set[str] = frozenset()):
+    """Build the dataclass `cls` from a params section, refusing keys it does not know (a typo in
+    params.yaml must not silently fall back to a default)."""
+    import dataclasses
+
+    d = {k: v for k, v in (section or {}).items() if k not in ignore}
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise EndophenoError(f"{name}: unknown parameter(s) {', '.join(sorted(unknown))}")
+    return cls(**d)

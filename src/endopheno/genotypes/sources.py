@@ -39,6 +39,7 @@ class BedSource:
         bim = _read_table(_need(prefix.with_name(prefix.name + ".bim")), ["chrom", "id", "cm", "pos", "allele1", "allele2"])
         self.samples = pd.DataFrame({"fid": fam.fid, "iid": fam.iid, "sex": fam.sex.astype(np.int8)})
         self.variants = _variant_table(bim)
+        _check_bed_size(self.path, len(fam), len(bim))
         self.reader = BedReader(self.path, len(fam), len(bim), num_threads)
         self.reader.read(0, min(1, len(bim)))  # fail here, naming the file, if it is not a .bed
 
@@ -71,8 +72,6 @@ class PgenSource:
     """PLINK 2 fileset ``PREFIX.pgen/.pvar/.psam``, read with pgenlib (hard calls, or dosages if present)."""
 
     def __init__(self, prefix: str | Path):
-        import pgenlib
-
         prefix = Path(prefix)
         self.path = _need(prefix.with_name(prefix.name + ".pgen"))
         psam = _read_header_table(_need(prefix.with_name(prefix.name + ".psam")))
