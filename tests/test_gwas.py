@@ -275,3 +275,49 @@ def test_gwas_run_is_recorded_in_mlflow_with_plots(study, tmp_path):
         assert min(Image.open(png).size) > 300
     leads = pd.read_parquet(out / "leads.parquet")
     assert {"intercept", "c0", "c1", "c2"} <= set(leads["term"])  # covariate coefficients of each lead model
+
+
+def test_clumping_groups_variants_in_ld_within_the_window(tmp_path):
+    from bed_reader import to_bed
+
+    from endopheno.gwas.results import ClumpParams, clump
+
+    rng = np.random.default_rng(8)
+    n = 800
+    a = rng.binomial(2, 0.3, n)
+
+    def noisy_copy(g, share):
+        g = g.copy()
+        redo = rng.random(n) < share
+        g[redo] = rng.binomial(2, 0.3, redo.sum())
+        return g
+
+    b, c, d = noisy_copy(a, 0.05), rng.binomial(2, 0.4, n), noisy_copy(a, 0.15)
+    null = rng.binomial(2, 0.3, (n, 6))
+    dosages = np.column_stack([a, b, c, null[:, :3], d, null[:, 3:]]).astype(np.int8)
+    pos = np.array([100_000, 110_000, 120_000, 300_000, 400_000, 500_000, 900_000, 1_200_000, 1_300_000, 1_400_000])
+    ids = np.array([f"v{i}" for i in range(len(pos))])
+    to_bed(tmp_path / "ld.bed", dosages, properties={"iid": [f"s{i}" for i in range(n)], "sid": ids,
+           "chromosome": ["1"] * len(pos), "bp_position": pos, "allele_1": ["A"] * len(pos), "allele_2": ["G"] * len(pos)})
+    y = a + c + rng.normal(size=n) * 1.5
+    (tmp_path / "y.tsv").write_text("IID\ty\n" + "".join(f"s{i}\t{v}\n" for i, v in enumerate(y)))
+    bed = BedSource(tmp_path / "ld")
+    scan(bed, align(read_table(tmp_path / "y.tsv"), bed.samples), None, tmp_path / "out", GwasOptions(workers=1))
+    loci = clump(tmp_path / "out", bed, ClumpParams(p1=5e-8, p2=1e-2, r2=0.1, kb=500))
+    assert list(loci.sort_values("lead_pos").lead_id) == ["v0", "v2", "v6"]  # A (with B), C apart, D beyond 500 kb
+    assert loci.set_index("lead_id").loc["v0", "variants"] == 2 and loci.set_index("lead_id").loc["v0", "end"] == 110_000
+
+
+def test_min_maf_and_min_mac_filter_variants(study, tmp_path):
+    bed = BedSource(study)
+    pheno = align(read_table(study.parent / "pheno.tsv", ["y1"]), bed.samples)
+    summary = scan(bed, pheno, None, tmp_path, GwasOptions(workers=1, min_maf=0.2, min_mac=150))
+    calls = bed.read(0, 400).astype(float)
+    calls[calls == MISSING] = np.nan
+    calls[:, np.isnan(pheno.values[:, 0])] = np.nan
+    count = np.nansum(calls, axis=1)
+    called = 2 * np.sum(~np.isnan(calls), axis=1)
+    minor = np.minimum(count, called - count)
+    expected = (minor / called >= 0.2) & (minor >= 150)
+    tested = set(pq.read_table(tmp_path / "results", columns=["id"]).column("id").to_pylist())
+    assert tested == set(bed.variants["id"][expected]) and summary.filtered == (~expected).sum() > 0

@@ -177,6 +177,7 @@ def gwas(
     from endopheno.gwas.results import ClumpParams
     from endopheno.gwas.run import GwasOptions, scan
     from endopheno.gwas.study import StudySettings, analyse, track
+    from endopheno.genotypes.store import file_sha256
     from endopheno.params import from_section, load_params
 
     section = dict(load_params(None, params).get("gwas") or {}) if params.exists() else {}
@@ -209,7 +210,7 @@ def gwas(
     run_id = None
     if mlflow:
         inputs = {"genotypes": str(source.path), "genotypes_digest": getattr(source, "digest", ""),
-                  "pheno": str(pheno), "phenotypes": len(phenotypes.names),
+                  "pheno": str(pheno), "pheno_sha256": file_sha256(pheno), "phenotypes": len(phenotypes.names),
                   "covariates": ",".join(covariates.names) if covariates else ""}
         scan_record = json.loads((out / "scan.json").read_text())
         run_id = track(out, study, scan_record, inputs, uri=tracking_uri or section.get("tracking_uri"), settings=settings)
