@@ -32,8 +32,14 @@ pheno = align(read_table(folder + "/pheno.tsv"), bed.samples)
 covar = align(read_table(folder + "/covar.tsv", kind="covariate"), bed.samples)
 t = time.perf_counter()
 s = scan(bed, pheno, covar, out, GwasOptions(precision=precision, workers=workers))
-print(json.dumps({"seconds": time.perf_counter() - t, "tests": s.tests, "phases": s.phase_seconds,
-                  "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+seconds = time.perf_counter() - t
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before reading the results back
+from endopheno.gwas.results import lambda_gc, results_sql
+import duckdb
+lam = lambda_gc(out)["lambda_gc"]
+below = duckdb.sql(f"SELECT avg((p < 0.01)::INT), avg((p < 0.05)::INT) FROM {results_sql(out)}").fetchall()[0]
+print(json.dumps({"seconds": seconds, "tests": s.tests, "phases": s.phase_seconds,
+                  "rss_gib": rss, "lambda": [lam.min(), lam.median(), lam.max()], "below": below}))
 """
 
 PEAK = """
@@ -107,6 +113,8 @@ if __name__ == "__main__":
             rows[missing][precision] = best["seconds"]
             print(f"endopheno {precision}: {best['seconds']:6.2f} s  {best['tests'] / best['seconds']:12,.0f} tests/s"
                   f"  {t_plink / best['seconds']:.2f}× plink2   peak RSS {best['rss_gib']:.2f} GiB")
+            print(f"    null phenotypes: λGC median {best['lambda'][1]:.3f} (range {best['lambda'][0]:.3f}–"
+                  f"{best['lambda'][2]:.3f}); p < 0.01: {best['below'][0]:.4f}, p < 0.05: {best['below'][1]:.4f}")
             total = sum(best["phases"].values())
             print("    phases (thread-seconds): " + ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in best["phases"].items()))
             if precision == "float64":

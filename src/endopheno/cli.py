@@ -223,6 +223,198 @@ def gwas(
               + (f"; MLflow run {run_id}" if run_id else ""), soft_wrap=True)
 
 
+features_app = typer.Typer(no_args_is_help=True, help="Feature sets: definitions in features/, versions in stores/features/.")
+app.add_typer(features_app, name="features")
+PARAMS = typer.Option(Path("params.yaml"), help="Parameter file; its `features` and `catalog` sections are used.")
+CATALOG = typer.Option(None, help="Catalog file (default: params.yaml catalog.path, stores/catalog.duckdb).")
+
+
+def _feature_params(params: Path):
+    from endopheno.featurestore.atlas import FeatureParams
+    from endopheno.params import from_section, load_params
+
+    return from_section(FeatureParams, load_params(None, params).get("features") if params.exists() else None, "features")
+
+
+def _catalog_params(params: Path):
+    from endopheno.featurestore.catalog import CatalogParams
+    from endopheno.params import from_section, load_params
+
+    return from_section(CatalogParams, load_params(None, params).get("catalog") if params.exists() else None, "catalog")
+
+
+def _print_table(table, title: str | None = None) -> None:
+    from rich.table import Table
+
+    out = Table(title=title, show_lines=False)
+    for name in table.column_names:
+        out.add_column(name, overflow="fold")
+    for row in table.to_pylist():
+        out.add_row(*("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row.values()))
+    Console(highlight=False).print(out)
+
+
+@features_app.command("list")
+def features_list(params: Path = PARAMS) -> None:
+    """Every feature set defined in features/, with its latest version."""
+    import pyarrow as pa
+
+    from endopheno.featurestore.definitions import definitions
+    from endopheno.featurestore.store import history
+
+    p = _feature_params(params)
+    rows = []
+    for name, d in definitions(p.definitions).items():
+        path = Path(p.store) / name
+        versions = history(path) if (path / "_delta_log").exists() else []
+        rows.append({"name": name, "schema_version": d.schema_version, "producer": f"{d.model_name} {d.model_version}",
+                     "versions": len(versions), "latest": versions[-1]["timestamp"].isoformat(timespec="seconds") if versions else "",
+                     "description": d.description})
+    _print_table(pa.Table.from_pylist(rows), "feature sets")
+
+
+@features_app.command("show")
+def features_show(name: str = typer.Argument(..., help="Feature set name."), params: Path = PARAMS) -> None:
+    """A feature set's definition: producer and columns with their descriptions."""
+    import pyarrow as pa
+
+    from endopheno.featurestore.definitions import STANDARD_COLUMNS, definition
+
+    d = definition(name, _feature_params(params).definitions)
+    err.print(f"[bold]{d.name}[/bold] (schema_version {d.schema_version}): {d.description}\nproducer: "
+              + ", ".join(f"{k}={v}" for k, v in d.producer.items()), soft_wrap=True)
+    rows = [{"column": c, "type": t, "description": s} for c, (t, s) in STANDARD_COLUMNS.items()]
+    rows += [{"column": c.name + (f"  (per {c.per})" if c.per else ""), "type": c.type, "description": c.description} for c in d.columns]
+    _print_table(pa.Table.from_pylist(rows))
+
+
+@features_app.command("history")
+def features_history(name: str = typer.Argument(..., help="Feature set name."), params: Path = PARAMS) -> None:
+    """Every version of a feature set: when, how many rows, which model version, git revision and MLflow run."""
+    import pyarrow as pa
+
+    from endopheno.featurestore.store import history
+
+    rows = [{**h, "timestamp": h["timestamp"].isoformat(timespec="seconds")} for h in history(Path(_feature_params(params).store) / name)]
+    keep = ("version", "timestamp", "rows", "model_name", "model_version", "git_revision", "mlflow_run_id", "volume_store_digest", "schema_version")
+    _print_table(pa.Table.from_pylist([{k: r[k] for k in keep} for r in rows]), f"{name}: history")
+
+
+@features_app.command("build")
+def features_build(name: str = typer.Argument(..., help="Feature set name (a definition in features/)."),
+                   params: Path = PARAMS, scheduler: Optional[str] = SCHEDULER) -> None:
+    """Measure a feature set and commit it as a new version (nothing is written when the inputs are unchanged)."""
+    from endopheno.featurestore.atlas import build_atlas_set
+    from endopheno.featurestore.definitions import definition
+
+    p = _feature_params(params)
+    t0 = time.perf_counter()
+    report = build_atlas_set(definition(name, p.definitions), p, scheduler=scheduler)
+    for subject, reason in report.failed:
+        err.print(f"[red]failed[/red] subject {subject}: {reason}", soft_wrap=True)
+    err.print(f"{report.summary()} in {time.perf_counter() - t0:.1f} s", soft_wrap=True)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def catalog(params: Path = PARAMS) -> None:
+    """Rebuild stores/catalog.duckdb: SQL views over the feature, cohort, genotype and GWAS stores."""
+    from endopheno.featurestore.catalog import build_catalog
+
+    s = build_catalog(_catalog_params(params))
+    err.print(f"catalog {s['path']}: {s['feature_sets']} feature sets ({s['versions']} versions), genotypes "
+              f"{'yes' if s['genotypes'] else 'none'}; built in {s['seconds']:.1f} s")
+
+
+@app.command()
+def sql(
+    query: str = typer.Argument(..., help="SQL (SELECT/WITH/SHOW/DESCRIBE/EXPLAIN); statements that write are refused."),
+    catalog: Optional[Path] = CATALOG,
+    fmt: str = typer.Option("table", "--format", help="table | csv | json | parquet"),
+    out: Optional[Path] = typer.Option(None, help="Write the result to this file instead of the terminal."),
+    as_of: Optional[str] = typer.Option(None, help="VERSION or TIMESTAMP: unqualified `<set>` names the feature set as it was then."),
+    params: Path = PARAMS,
+) -> None:
+    """Query the catalog (opened read-only)."""
+    import io
+
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    from endopheno.featurestore.catalog import as_of_views, connect, query as run_query
+
+    if fmt not in ("table", "csv", "json", "parquet"):
+        raise EndophenoError(f"sql: --format {fmt}: use table, csv, json or parquet")
+    if fmt == "parquet" and out is None:
+        raise EndophenoError("sql: --format parquet needs --out FILE")
+    con = connect(catalog or _catalog_params(params).path)
+    if as_of:
+        chosen = as_of_views(con, as_of)
+        err.print("as of " + as_of + ": " + ", ".join(f"{s} = v{v}" for s, v in chosen.items()), soft_wrap=True)
+    table = run_query(con, query)
+    if fmt == "table" and out is None:
+        _print_table(table)
+        return
+    if fmt == "parquet":
+        pq.write_table(table, out)
+        return
+    if fmt == "json":
+        text = json.dumps(table.to_pylist(), default=str, indent=1) + "\n"
+    else:
+        buf = io.BytesIO()
+        pcsv.write_csv(table, buf)
+        text = buf.getvalue().decode()
+    if out:
+        out.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
+@app.command()
+def cohort(
+    feature_set: str = typer.Option(..., help="Feature set whose analysis cohort to report."),
+    out: Optional[Path] = typer.Option(None, help="Folder for pheno.tsv and covar.tsv (PLINK style, for `endopheno gwas`)."),
+    catalog: Optional[Path] = CATALOG,
+    params: Path = PARAMS,
+) -> None:
+    """The analysis cohort (features ⨝ QC ⨝ participants ⨝ genotyped samples ⨝ PCs) and who dropped out where, and why."""
+    from endopheno.featurestore.catalog import connect
+    from endopheno.featurestore.cohort import STEPS, export, report
+
+    cp = _catalog_params(params)
+    con = connect(catalog or cp.path)
+    r = report(con, feature_set)
+    for step in STEPS:
+        for subject, reason in r.dropped.get(step, []):
+            err.print(f"dropped at {step}: {subject}: {reason}", soft_wrap=True)
+    if out:
+        written = export(con, feature_set, out, cp.covariates)
+        err.print(f"wrote {', '.join(map(str, written.values()))}")
+    err.print(r.summary(), soft_wrap=True)
+
+
+@app.command()
+def lineage(
+    target: str = typer.Argument(..., help="FEATURE_SET[@VERSION], or a GWAS run (MLflow run id or output folder) with --gwas."),
+    gwas_run: bool = typer.Option(False, "--gwas", help="TARGET is a GWAS run."),
+    params: Path = PARAMS,
+) -> None:
+    """Trace a feature-set version or a GWAS run back to model version, MLflow run, volume-store digest and git revision."""
+    from endopheno.featurestore.lineage import feature_lineage, gwas_lineage
+
+    p = _feature_params(params)
+    if gwas_run:
+        chain = gwas_lineage(target, p.store, p.tracking_uri)
+    else:
+        name, _, version = target.partition("@")
+        if version and not version.isdigit():
+            raise EndophenoError(f"lineage: {target}: the version after @ must be a number")
+        chain = feature_lineage(p.store, name, int(version) if version else None)
+    for key, value in chain.items():
+        print(f"{key}: {value}")
+
+
 def main() -> None:
     """Console entry point: user errors become one line and exit status 2."""
     try:

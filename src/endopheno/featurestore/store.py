@@ -1,0 +1,150 @@
+"""Feature sets as Delta Lake tables (deltalake): one table per set under `stores/features/<name>`,
+one Delta commit per data version.
+
+A data version is a whole snapshot of the set (``mode="overwrite"``): readers at any version see a
+complete table, never a mixture. Each commit's metadata records where the data came from
+(`PROVENANCE`): git revision, MLflow run id, model name and version, digest of the volume store read,
+hash of the parameters, the schema version and an `input_digest` of all of them. Delta Lake makes the
+commit atomic (the log entry is created exclusively, after the Parquet files are complete), so a crash
+mid-write leaves orphan Parquet files that no version references and the previous version intact; two
+writers racing for the same version make one of them fail with `CommitFailedError`, and
+`write_version` then re-reads the table and tries again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+from deltalake import CommitProperties, DeltaTable, Schema, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+
+from endopheno.errors import EndophenoError, InputError
+
+log = logging.getLogger(__name__)
+
+PROVENANCE = ("git_revision", "mlflow_run_id", "model_name", "model_version", "volume_store_digest",
+              "params_hash", "schema_version", "input_digest")
+COMMIT_ID = "endopheno_commit_id"
+
+
+class SchemaChangeError(EndophenoError):
+    """The columns changed but the definition's schema_version did not."""
+
+
+class ConflictError(EndophenoError):
+    """Other writers kept committing to the same feature set; this write gave up."""
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    version: int
+    created: bool       # False: the latest version already held these inputs; nothing was written
+
+
+def open_table(path: str | Path, version: int | None = None, as_of: str | dt.datetime | None = None) -> DeltaTable:
+    """The feature set's Delta table at its latest version, at `version`, or as it was at time `as_of`
+    (a datetime or an ISO 8601 string; naive times are UTC)."""
+    path = Path(path)
+    try:
+        table = DeltaTable(str(path), version=version)
+    except TableNotFoundError:
+        raise InputError(path, "no feature set here (build it first, e.g. `endopheno features build NAME`)") from None
+    except Exception as e:  # deltalake raises a bare exception type for a version that does not exist
+        raise InputError(path, f"no version {version} ({table_versions_hint(path)})") from e
+    if as_of is not None:
+        when = dt.datetime.fromisoformat(as_of) if isinstance(as_of, str) else as_of
+        when = when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+        try:
+            table.load_as_version(when)
+        except Exception as e:
+            raise InputError(path, f"no version existed at {when.isoformat()} ({table_versions_hint(path)})") from e
+    return table
+
+
+def table_versions_hint(path: Path) -> str:
+    try:
+        return f"versions 0..{DeltaTable(str(path)).version()}"
+    except TableNotFoundError:
+        return "no versions"
+
+
+def history(path: str | Path) -> list[dict]:
+    """Every version of the set, oldest first: version, timestamp (UTC), rows, and the provenance."""
+    rows = []
+    for h in open_table(path).history():
+        rows.append({"version": h["version"],
+                     "timestamp": dt.datetime.fromtimestamp(h["timestamp"] / 1000, dt.timezone.utc),
+                     "rows": (h.get("operationMetrics") or {}).get("num_added_rows"),
+                     **{k: h.get(k) for k in PROVENANCE}})
+    return sorted(rows, key=lambda r: r["version"])
+
+
+def latest_metadata(table: DeltaTable) -> dict:
+    """The provenance of the table's current version."""
+    h = table.history(1)[0]
+    return {k: h.get(k) for k in PROVENANCE} | {"version": h["version"]}
+
+
+def _fields(schema: pa.Schema | Schema) -> list[tuple[str, str]]:
+    delta = schema if isinstance(schema, Schema) else Schema.from_arrow(schema)
+    return [(f["name"], json.dumps(f["type"])) for f in json.loads(delta.to_json())["fields"]]
+
+
+def write_version(path: str | Path, table: pa.Table, metadata: dict, *, attempts: int = 8) -> WriteResult:
+    """Commit `table` as the feature set's new version, unless the latest version has the same
+    `metadata["input_digest"]`.
+
+    `metadata` holds the `PROVENANCE` keys. A table whose columns differ from the latest version's is
+    refused (`SchemaChangeError`) unless its ``schema_version`` is higher. A commit that loses a race
+    with another writer is retried up to `attempts` times (with a random back-off); the check for
+    identical inputs is repeated each time, so two writers of the same inputs make one version.
+    """
+    path = Path(path)
+    meta = {k: str(metadata.get(k, "")) for k in PROVENANCE}
+    commit_id = uuid.uuid4().hex
+    for attempt in range(1, attempts + 1):
+        schema_mode = None
+        if DeltaTable.is_deltatable(str(path)):
+            current = DeltaTable(str(path))
+            latest = latest_metadata(current)
+            if latest["input_digest"] == meta["input_digest"]:
+                return WriteResult(latest["version"], created=False)
+            if _fields(current.schema()) != _fields(table.schema):
+                if int(meta["schema_version"] or 0) <= int(latest["schema_version"] or 0):
+                    old, new = dict(_fields(current.schema())), dict(_fields(table.schema))
+                    changed = sorted(set(old) ^ set(new)) + sorted(k for k in set(old) & set(new) if old[k] != new[k])
+                    raise SchemaChangeError(
+                        f"{path}: the columns changed ({', '.join(changed[:6])}{' …' if len(changed) > 6 else ''}) but "
+                        f"schema_version is still {meta['schema_version']}: a breaking change needs a higher "
+                        f"schema_version in the feature set's definition")
+                schema_mode = "overwrite"
+        try:
+            write_deltalake(str(path), table, mode="overwrite", schema_mode=schema_mode,
+                            commit_properties=CommitProperties(custom_metadata={**meta, COMMIT_ID: commit_id}))
+        except CommitFailedError as e:
+            log.info("%s: commit conflict (attempt %d of %d): %s", path, attempt, attempts, e)
+            time.sleep(random.uniform(0.05, 0.2) * attempt)
+            continue
+        for h in DeltaTable(str(path)).history(attempts + 8):
+            if h.get(COMMIT_ID) == commit_id:
+                return WriteResult(h["version"], created=True)
+        raise ConflictError(f"{path}: the commit landed but could not be found in the recent history")
+    raise ConflictError(f"{path}: {attempts} commits in a row lost a race with other writers of this feature set; "
+                        f"nothing was written, try again")
+
+
+def snapshot_files(path: str | Path, version: int | None = None, relative_to: str | Path | None = None) -> list[str]:
+    """The Parquet files making up one version, relative to `relative_to` when given (so that a
+    catalog's views work from any copy of the repository)."""
+    uris = open_table(path, version).file_uris()
+    files = [u.removeprefix("file://") for u in uris]
+    return [os.path.relpath(f, relative_to) for f in files] if relative_to is not None else files

@@ -1,0 +1,314 @@
+"""The feature store on a tiny real cohort: Delta versions with provenance, time travel, refusal of
+silent schema changes, concurrent writers and a killed writer, the DuckDB catalog (also read by a
+plain duckdb connection from a fresh process), `endopheno sql`, the cohort join and lineage."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import yaml
+from deltalake import DeltaTable
+
+from conftest import ROOT, cli
+from endopheno.featurestore.store import SchemaChangeError, history, open_table, write_version
+
+PROVENANCE = {"git_revision": "abc", "mlflow_run_id": "r", "model_name": "m", "model_version": "1",
+              "volume_store_digest": "d", "params_hash": "p", "schema_version": 1}
+
+
+@pytest.fixture(scope="module")
+def repo(phantom_dir, preprocessed_store, tmp_path_factory) -> Path:
+    """A repository root with the atlas definition, params, a genotype store, QC table and MLflow
+    store, the atlas set built twice (producer version 1, then 2) and the catalog built."""
+    from endopheno.genotypes.importer import ImportParams, import_genotypes
+    from endopheno.genotypes.pca import PCAParams
+    from endopheno.genotypes.sources import BedSource
+    from endopheno.volumes.preprocess import open_mni
+    from endopheno.volumes.qc import qc_table
+
+    root = tmp_path_factory.mktemp("repo")
+    shutil.copytree(ROOT / "features", root / "features")
+    (root / "stores" / "qc").mkdir(parents=True)
+    qc_table(open_mni(preprocessed_store)).to_csv(root / "stores" / "qc" / "qc.tsv", sep="\t", index=False)
+    import_genotypes(BedSource(phantom_dir / "genotypes" / "phantom"), root / "stores" / "genotypes" / "phantom",
+                     ImportParams(pca=PCAParams(pcs=3)))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["features"].update(volumes=str(preprocessed_store), workers=1, tracking_uri="sqlite:///stores/mlflow.db")
+    params["catalog"].update(participants=str(phantom_dir / "bids" / "participants.tsv"))
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    cli("features", "build", "atlas_regions", cwd=root, check=0)
+    definition = root / "features" / "atlas_regions.yaml"
+    definition.write_text(definition.read_text().replace('version: "1"', 'version: "2"'))
+    time.sleep(0.05)
+    cli("features", "build", "atlas_regions", cwd=root, check=0)
+    cli("catalog", cwd=root, check=0)
+    return root
+
+
+def test_atlas_set_has_two_versions_with_provenance_and_time_travel(repo, preprocessed_store):
+    import mlflow
+
+    path = repo / "stores" / "features" / "atlas_regions"
+    rerun = cli("features", "build", "atlas_regions", cwd=repo, check=0)
+    assert "unchanged" in rerun.stderr
+    versions = history(path)
+    assert [v["version"] for v in versions] == [0, 1]                      # the rerun made no version
+    assert [v["model_version"] for v in versions] == ["1", "2"]
+    assert versions[0]["volume_store_digest"] == versions[1]["volume_store_digest"]
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{repo}/stores/mlflow.db")
+    for v in versions:
+        assert client.get_run(v["mlflow_run_id"]).data.tags["feature_set_version"] == str(v["version"])
+    old = open_table(path, version=0).to_pandas()
+    assert set(old.model_version) == {"1"} and set(open_table(path).to_pandas().model_version) == {"2"}
+    between = versions[0]["timestamp"] + (versions[1]["timestamp"] - versions[0]["timestamp"]) / 2
+    assert set(open_table(path, as_of=between.isoformat()).to_pandas().model_version) == {"1"}
+
+    # Plausible measurements: 6 subjects, positive native volumes, lobes add up to at most the brain.
+    assert len(old) == 6 and old.session.isna().all()
+    volumes = old.filter(like="_volume_mm3")
+    assert (volumes > 0).all().all()
+    lobes = volumes.drop(columns="whole_brain_volume_mm3").sum(axis=1)
+    assert ((lobes <= old.whole_brain_volume_mm3 + 1e-6) & (lobes > 0.9 * old.whole_brain_volume_mm3)).all()
+    assert 3e5 < old.whole_brain_volume_mm3.median() < 1.5e6
+    assert old.filter(like="_mean_t1").abs().max().max() < 3
+
+    history_out = cli("features", "history", "atlas_regions", cwd=repo, check=0).stdout
+    assert versions[1]["mlflow_run_id"][:8] in history_out and "volume_store_digest" in history_out
+    assert "whole_brain_volume_mm3" not in cli("features", "list", cwd=repo, check=0).stdout
+    assert "{region}_volume_mm3" in cli("features", "show", "atlas_regions", cwd=repo, check=0).stdout
+
+
+def test_grey_matter_volume_tracks_the_truth(repo, phantom_dir):
+    """The phantom's hippocampi shrink with AD: the temporal lobes' grey matter must be smaller in AD
+    than in CN on average, relative to the whole brain (truth read by the test only)."""
+    table = open_table(repo / "stores" / "features" / "atlas_regions").to_pandas().set_index("subject_id")
+    truth = pd.read_csv(phantom_dir / "ground_truth" / "subjects.tsv", sep="\t")
+    truth["subject_id"] = truth.iloc[:, 0].astype(str).str.removeprefix("sub-")
+    measured = table["whole_brain_volume_mm3"]
+    true_brain = truth.set_index("subject_id").filter(like="volume").sum(axis=1).reindex(measured.index)
+    assert np.corrcoef(measured, true_brain)[0, 1] > 0  # head size and atrophy move both the same way
+
+
+def test_identical_inputs_make_no_new_version_and_schema_change_needs_a_bump(tmp_path):
+    path = tmp_path / "set"
+    t = pa.table({"subject_id": ["a", "b"], "x": [1.0, 2.0]})
+    assert write_version(path, t, {**PROVENANCE, "input_digest": "1"}).version == 0
+    again = write_version(path, t, {**PROVENANCE, "input_digest": "1"})
+    assert (again.version, again.created) == (0, False)
+    assert write_version(path, t, {**PROVENANCE, "input_digest": "2"}).version == 1
+    changed = pa.table({"subject_id": ["a"], "x": [1.0], "y": [3.0]})
+    with pytest.raises(SchemaChangeError, match="schema_version is still 1"):
+        write_version(path, changed, {**PROVENANCE, "input_digest": "3"})
+    retyped = pa.table({"subject_id": ["a"], "x": ["1"]})
+    with pytest.raises(SchemaChangeError, match="x"):
+        write_version(path, retyped, {**PROVENANCE, "input_digest": "3"})
+    assert DeltaTable(str(path)).version() == 1
+    bumped = write_version(path, changed, {**PROVENANCE, "schema_version": 2, "input_digest": "3"})
+    assert bumped.version == 2 and open_table(path).to_pyarrow_table().column_names == ["subject_id", "x", "y"]
+    assert open_table(path, version=1).to_pyarrow_table().column_names == ["subject_id", "x"]
+
+
+WRITER = textwrap.dedent("""
+    import sys, pyarrow as pa
+    from endopheno.featurestore.store import write_version
+    path, tag, n, rows = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    prov = {"git_revision": "g", "mlflow_run_id": tag, "model_name": "m", "model_version": "1",
+            "volume_store_digest": "d", "params_hash": "p", "schema_version": 1}
+    for i in range(n):
+        t = pa.table({"subject_id": [f"s{j}" for j in range(rows)], "x": [float(i)] * rows, "writer": [tag] * rows})
+        r = write_version(path, t, {**prov, "input_digest": sys.argv[5] if len(sys.argv) > 5 else f"{tag}{i}"}, attempts=50)
+        print(r.version, r.created, flush=True)
+""")
+
+
+def _writers(path: Path, *argvs: list[str]) -> list[subprocess.CompletedProcess]:
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), *a], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for a in argvs]
+    return [subprocess.CompletedProcess(p.args, p.wait(120), *p.communicate()) for p in procs]
+
+
+def test_two_processes_writing_at_once_both_land(tmp_path):
+    path = tmp_path / "set"
+    runs = _writers(path, ["A", "8", "50"], ["B", "8", "50"])
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
+    versions = history(path)
+    assert len(versions) == 16 and [v["version"] for v in versions] == list(range(16))
+    assert sorted(v["input_digest"] for v in versions) == sorted([f"A{i}" for i in range(8)] + [f"B{i}" for i in range(8)])
+    for v in versions:  # every version is one writer's whole table, never a mixture
+        t = open_table(path, version=v["version"]).to_pandas()
+        assert len(t) == 50 and t.writer.nunique() == 1 and t.writer.iloc[0] == v["mlflow_run_id"]
+    # Both writing the same inputs at once: one version, not two.
+    same = _writers(tmp_path / "same", ["A", "1", "50", "X"], ["B", "1", "50", "X"])
+    assert all(r.returncode == 0 for r in same)
+    assert len(history(tmp_path / "same")) == 1
+
+
+CRASHER = textwrap.dedent("""
+    import sys, numpy as np, pyarrow as pa
+    from endopheno.featurestore.store import write_version
+    rows = 2_000_000
+    t = pa.table({"subject_id": pa.array(np.arange(rows).astype(str)), "x": np.random.default_rng(0).random(rows),
+                  "writer": ["second"] * rows})
+    print("writing", flush=True)
+    write_version(sys.argv[1], t, {"git_revision": "g", "mlflow_run_id": "r", "model_name": "m", "model_version": "1",
+                                   "volume_store_digest": "d", "params_hash": "p", "schema_version": 1, "input_digest": "1"})
+""")
+
+
+def test_a_writer_killed_mid_write_leaves_the_previous_version(tmp_path):
+    """SIGKILL a writer as soon as its data file appears on disk, and at increasing delays after it
+    starts: every time the table reads as either the old version or the complete new one, and the
+    kill at the first sight of the data file lands mid-write (files that no version references)."""
+    mid_write = 0
+    for k, delay in enumerate((None, 0.0, 0.05, 0.1, 0.2, 0.4)):
+        path = tmp_path / f"set{k}"
+        write_version(path, pa.table({"subject_id": ["a"], "x": [1.0], "writer": ["first"]}), {**PROVENANCE, "input_digest": "0"})
+        before = set(os.listdir(path))
+        proc = subprocess.Popen([sys.executable, "-c", CRASHER, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
+        if delay is None:
+            deadline = time.time() + 30
+            while set(os.listdir(path)) == before and time.time() < deadline:
+                pass
+        else:
+            time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        table = DeltaTable(str(path))
+        referenced = {Path(u.removeprefix("file://")).name for v in range(table.version() + 1)
+                      for u in DeltaTable(str(path), version=v).file_uris()}
+        mid_write += bool({f.name for f in path.iterdir() if f.name != "_delta_log"} - referenced)
+        if table.version() == 0:
+            assert table.to_pandas().writer.tolist() == ["first"]
+            assert [h["version"] for h in history(path)] == [0]
+            # A rerun completes the write.
+            write_version(path, pa.table({"subject_id": ["b"], "x": [2.0], "writer": ["rerun"]}), {**PROVENANCE, "input_digest": "1"})
+            assert DeltaTable(str(path)).to_pandas().writer.tolist() == ["rerun"]
+        else:
+            assert table.version() == 1 and table.count() == 2_000_000
+    assert mid_write, "no kill landed while the data file was being written"
+
+
+PLAIN = textwrap.dedent("""
+    import json, sys, duckdb
+    con = duckdb.connect("stores/catalog.duckdb", read_only=True)
+    print(json.dumps({q: con.execute(q).fetchall() for q in sys.argv[1:]}, default=str))
+""")
+
+
+def _plain(repo: Path, *queries: str) -> dict:
+    """Query the catalog from a fresh process in the repository root with plain duckdb, no endopheno."""
+    proc = subprocess.run([sys.executable, "-I", "-c", PLAIN, *queries], cwd=repo, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_plain_duckdb_reads_every_schema_from_the_repository_root(repo, phantom_dir):
+    samples = pd.read_parquet(repo / "stores" / "genotypes" / "phantom" / "samples.parquet")
+    variants = pd.read_parquet(repo / "stores" / "genotypes" / "phantom" / "variants.parquet")
+    ids = variants.id.iloc[[0, 5]].tolist()
+    out = _plain(repo, "SELECT count(*) FROM features.atlas_regions",
+                 "SELECT DISTINCT model_version FROM features.atlas_regions_v0",
+                 "SELECT count(*) FROM cohort.analysis",
+                 "SELECT count(*) FROM cohort.participants",
+                 f"SELECT id, iid, dosage FROM genotypes.dosages({ids}) ORDER BY id, iid",
+                 "SELECT count(*) FROM genotypes.pcs",
+                 "SELECT feature_set, version, model_version FROM meta.feature_versions ORDER BY version")
+    assert out["SELECT count(*) FROM features.atlas_regions"] == [[6]]
+    assert out["SELECT DISTINCT model_version FROM features.atlas_regions_v0"] == [["1"]]
+    assert out["SELECT count(*) FROM cohort.participants"] == [[len(pd.read_csv(phantom_dir / "bids" / "participants.tsv", sep="\t"))]]
+    assert out["SELECT feature_set, version, model_version FROM meta.feature_versions ORDER BY version"] == [
+        ["atlas_regions", 0, "1"], ["atlas_regions", 1, "2"]]
+    from endopheno.genotypes.store import StoreSource
+    calls = StoreSource(repo / "stores" / "genotypes" / "phantom").read(0, 6)
+    got = out[f"SELECT id, iid, dosage FROM genotypes.dosages({ids}) ORDER BY id, iid"]
+    expected = sorted((variants.id[k], iid, None if calls[k, j] == -127 else int(calls[k, j]))
+                      for k in (0, 5) for j, iid in enumerate(samples.iid))
+    assert [tuple(r) for r in got] == expected
+    assert out["SELECT count(*) FROM genotypes.pcs"] == [[len(samples)]]
+
+
+def test_cohort_join_counts_and_dropout_report(repo, phantom_dir):
+    qc = pd.read_csv(repo / "stores" / "qc" / "qc.tsv", sep="\t")
+    samples = set(pd.read_parquet(repo / "stores" / "genotypes" / "phantom" / "samples.parquet").iid)
+    imaged = set(qc.subject)
+    expected = {s for s in imaged if s in samples and bool(qc.set_index("subject").qc_pass[s])}
+    not_genotyped = {s for s in imaged if s not in samples and bool(qc.set_index("subject").qc_pass[s])}
+    assert not_genotyped, "the small phantom has an imaged subject without genotypes"
+    out = tmp = repo / "cohort_out"
+    run = cli("cohort", "--feature-set", "atlas_regions", "--out", str(out), cwd=repo, check=0)
+    assert f"{len(expected)} in the analysis cohort" in run.stderr
+    for s in not_genotyped:
+        assert f"dropped at genotypes: {s}: not genotyped" in run.stderr
+    pheno = pd.read_csv(tmp / "pheno.tsv", sep="\t")
+    covar = pd.read_csv(tmp / "covar.tsv", sep="\t")
+    assert set(pheno.IID) == expected and list(covar.columns[:4]) == ["FID", "IID", "age", "sex"]
+    assert "whole_brain_volume_mm3" in pheno.columns and "pc1" in covar.columns
+    assert json.loads((tmp / "pheno.tsv.lineage.json").read_text())["version"] == 1
+    sql = _plain(repo, "SELECT dropped_at, count(*) FROM cohort.dropout GROUP BY ALL ORDER BY 1")
+    assert dict(map(tuple, sql["SELECT dropped_at, count(*) FROM cohort.dropout GROUP BY ALL ORDER BY 1"]))["genotypes"] == len(not_genotyped)
+
+
+def test_sql_formats_refusals_errors_and_as_of(repo, tmp_path):
+    r = cli("sql", "SELECT subject_id, whole_brain_volume_mm3 FROM features.atlas_regions ORDER BY 1", cwd=repo, check=0)
+    assert "ph0001" in r.stdout and "whole_brain_volume_mm3" in r.stdout
+    csv = cli("sql", "SELECT subject_id FROM features.atlas_regions ORDER BY 1", "--format", "csv", cwd=repo, check=0).stdout
+    assert csv.splitlines()[:2] == ['"subject_id"', '"ph0001"']
+    js = cli("sql", "SELECT count(*) AS n FROM cohort.analysis", "--format", "json", cwd=repo, check=0).stdout
+    assert json.loads(js)[0]["n"] > 0
+    cli("sql", "SELECT * FROM genotypes.variants LIMIT 7", "--format", "parquet", "--out", str(tmp_path / "v.parquet"), cwd=repo, check=0)
+    assert len(pd.read_parquet(tmp_path / "v.parquet")) == 7
+    # Run from elsewhere: the catalog finds its repository root.
+    cli("sql", "SELECT count(*) FROM features.atlas_regions", "--catalog", str(repo / "stores" / "catalog.duckdb"),
+        "--params", str(repo / "params.yaml"), cwd=tmp_path, check=0)
+
+    for statement in ("INSERT INTO meta.feature_sets VALUES (1)", "DELETE FROM meta.feature_versions",
+                      "UPDATE meta.feature_versions SET version = 0", "CREATE TABLE t AS SELECT 1",
+                      "DROP VIEW features.atlas_regions", f"ATTACH '{tmp_path}/x.duckdb'",
+                      f"COPY (SELECT 1) TO '{tmp_path}/x.csv'", "SELECT 1; DROP VIEW features.atlas_regions"):
+        refused = cli("sql", statement, cwd=repo, check=2)
+        assert "refused" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, statement
+    assert not (tmp_path / "x.csv").exists() and not (tmp_path / "x.duckdb").exists()
+    bad = cli("sql", "SELECT no_such_column FROM features.atlas_regions", cwd=repo, check=2)
+    assert len(bad.stderr.strip().splitlines()) == 1 and "Binder Error" in bad.stderr and "Traceback" not in bad.stderr
+    assert "Parser Error" in cli("sql", "SELEC 1", cwd=repo, check=2).stderr
+
+    old = cli("sql", "SELECT DISTINCT model_version FROM atlas_regions", "--as-of", "0", "--format", "csv", cwd=repo, check=0)
+    assert old.stdout.splitlines()[1] == '"1"'
+    first = history(repo / "stores" / "features" / "atlas_regions")[0]["timestamp"]
+    at = (first + dt.timedelta(milliseconds=1)).isoformat()
+    assert cli("sql", "SELECT DISTINCT model_version FROM atlas_regions", "--as-of", at, "--format", "csv",
+               cwd=repo, check=0).stdout.splitlines()[1] == '"1"'
+
+
+def test_lineage_from_feature_version_and_gwas_run(repo):
+    versions = history(repo / "stores" / "features" / "atlas_regions")
+    out = cli("lineage", "atlas_regions@0", cwd=repo, check=0).stdout
+    assert f"mlflow_run_id: {versions[0]['mlflow_run_id']}" in out and "model_version: 1" in out
+    assert f"volume_store_digest: {versions[0]['volume_store_digest']}" in out and "git_revision:" in out
+    assert "no such version" in cli("lineage", "atlas_regions@7", cwd=repo, check=2).stderr
+
+    cli("cohort", "--feature-set", "atlas_regions", "--out", "gw_in", cwd=repo, check=0)
+    cli("gwas", "--genotypes", "stores/genotypes/phantom", "--pheno", "gw_in/pheno.tsv", "--pheno-name",
+        "whole_brain_volume_mm3", "--out", "stores/gwas/run1", "--tracking-uri", "sqlite:///stores/mlflow.db", cwd=repo, check=0)
+    chain = cli("lineage", "--gwas", "stores/gwas/run1", cwd=repo, check=0).stdout
+    assert "feature_set: atlas_regions" in chain and f"mlflow_run_id: {versions[1]['mlflow_run_id']}" in chain
+    cli("catalog", cwd=repo, check=0)
+    got = _plain(repo, "SELECT feature_set_version, model_version, feature_mlflow_run_id FROM meta.lineage WHERE gwas_run_id IS NOT NULL",
+                 "SELECT count(*) > 0 FROM gwas.results WHERE run = 'run1'")
+    assert got["SELECT feature_set_version, model_version, feature_mlflow_run_id FROM meta.lineage WHERE gwas_run_id IS NOT NULL"] == [
+        [1, "2", versions[1]["mlflow_run_id"]]]
+    assert got["SELECT count(*) > 0 FROM gwas.results WHERE run = 'run1'"] == [[True]]
