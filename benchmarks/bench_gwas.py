@@ -4,7 +4,8 @@
 
 For a complete and a 1%-missing version of one simulated study (3 covariates, hard calls): plink2
 ``--glm hide-covar omit-ref --threads T`` (omit-ref: A1 = the .bim's fifth column, as ours), then
-endopheno's scan in float64 and float32, each in a fresh process (its peak RSS is that process's).
+endopheno's scan in float64 and float32 with its defaults (blocks of 1024 variants, threads = cores + 1,
+so both tools use every core), each in a fresh process (its peak RSS is that process's).
 Both write every variant × phenotype result (plink2: text files; endopheno: Parquet). Reports tests/s,
 the ratio to plink2, the share of each phase, the GEMM's GFLOP/s against a measured BLAS peak, and peak
 memory at two numbers of variants. Each configuration runs --repeats times (plink2 on the missing-call study --plink-repeats-missing times:
@@ -31,7 +32,7 @@ bed = BedSource(folder + "/study")
 pheno = align(read_table(folder + "/pheno.tsv"), bed.samples)
 covar = align(read_table(folder + "/covar.tsv", kind="covariate"), bed.samples)
 t = time.perf_counter()
-s = scan(bed, pheno, covar, out, GwasOptions(precision=precision, workers=workers))
+s = scan(bed, pheno, covar, out, GwasOptions(precision=precision, workers=workers or None))
 seconds = time.perf_counter() - t
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before reading the results back
 from endopheno.gwas.results import lambda_gc, results_sql
@@ -103,7 +104,7 @@ if __name__ == "__main__":
             if r < plink_repeats:
                 runs["plink2"].append(plink2(folder, args.threads))
             for precision in ("float64", "float32"):
-                runs[precision].append(ours(folder, precision, args.threads))
+                runs[precision].append(ours(folder, precision, 0))
         t_plink = statistics.median(runs["plink2"])
         rows[missing] = {"plink2": t_plink}
         print(f"== {missing:.0%} missing genotype calls ==")
@@ -128,6 +129,6 @@ if __name__ == "__main__":
 
     # Memory is bounded by the block, not by M: the same scan at half the variants.
     half = study(Path(args.data) / f"n{n}_m{m // 2}_p{p}_miss0.0", n, m // 2, p, 0.0)
-    small = ours(half, "float64", args.threads)
+    small = ours(half, "float64", 0)
     print(f"peak RSS, float64, complete: {small['rss_gib']:.2f} GiB at M = {m // 2}, "
-          f"see above for M = {m} (block of 2048 variants)")
+          f"see above for M = {m} (blocks of 1024 variants, one thread per core + 1)")

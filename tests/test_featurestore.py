@@ -312,3 +312,23 @@ def test_lineage_from_feature_version_and_gwas_run(repo):
     assert got["SELECT feature_set_version, model_version, feature_mlflow_run_id FROM meta.lineage WHERE gwas_run_id IS NOT NULL"] == [
         [1, "2", versions[1]["mlflow_run_id"]]]
     assert got["SELECT count(*) > 0 FROM gwas.results WHERE run = 'run1'"] == [[True]]
+
+
+def test_gwas_reads_a_feature_set_version_through_the_cohort_join(repo):
+    out = repo / "stores" / "gwas" / "atlas_v0"
+    proc = cli("gwas", "--feature-set", "atlas_regions@0", "--out", str(out), "--no-mlflow", "--workers", "1",
+               cwd=repo, check=0)
+    assert "feature set atlas_regions v0" in proc.stderr
+    lineage = json.loads((out / "cohort" / "pheno.tsv.lineage.json").read_text())
+    assert lineage["version"] == 0
+    pheno = pd.read_csv(out / "cohort" / "pheno.tsv", sep="\t")
+    covar = pd.read_csv(out / "cohort" / "covar.tsv", sep="\t")
+    joined = cli("sql", "SELECT count(*) AS n FROM cohort.analysis", "--format", "csv", cwd=repo, check=0)
+    assert len(pheno) == len(covar) == int(joined.stdout.split()[-1])
+    assert {"age", "sex", "pc1", "pc2", "pc3"} <= set(covar.columns)
+    assert "whole_brain_volume_mm3" in pheno.columns and "model_version" not in pheno.columns
+    # 5 samples cannot carry 6 parameters: every test is reported as such, none invented.
+    results = pd.read_parquet(out / "results")
+    assert len(results) > 0 and (results["reason"] == "too few observations").all() and results["p"].isna().all()
+    bad = cli("gwas", "--feature-set", "atlas_regions@7", "--out", str(out), "--no-mlflow", cwd=repo, check=2)
+    assert "atlas_regions@7: no such version" in bad.stderr

@@ -151,7 +151,9 @@ def genotypes_import(
 @app.command()
 def gwas(
     out: Path = typer.Option(..., help="Output folder: results/ (Parquet), hits, loci, plots, summary.json."),
-    pheno: Path = typer.Option(..., help="Phenotype table (PLINK 2 style: header, [FID] IID, NA = missing)."),
+    pheno: Optional[Path] = typer.Option(None, help="Phenotype table (PLINK 2 style: header, [FID] IID, NA = missing)."),
+    feature_set: Optional[str] = typer.Option(None, help="Instead of --pheno: a feature set NAME[@VERSION] of the catalog; "
+                                              "its analysis cohort gives the phenotypes, covariates and PCs."),
     bfile: Optional[Path] = typer.Option(None, help="PLINK 1 prefix: PREFIX.bed/.bim/.fam."),
     pfile: Optional[Path] = typer.Option(None, help="PLINK 2 prefix: PREFIX.pgen/.pvar/.psam."),
     genotypes: Optional[Path] = typer.Option(None, help="Genotype store folder (from `endopheno genotypes import`)."),
@@ -186,6 +188,13 @@ def gwas(
     options = from_section(GwasOptions, {**section, **{k: v for k, v in given.items() if v is not None}}, "gwas",
                            ignore={"genome_wide", "clump", "tracking_uri"})
     settings = StudySettings(genome_wide=section.get("genome_wide", 5e-8), clump=ClumpParams(**section.get("clump", {})))
+    if (pheno is None) == (feature_set is None):
+        raise EndophenoError("gwas: give exactly one of --pheno FILE or --feature-set NAME[@VERSION]")
+    lineage = {}
+    if feature_set:
+        pheno, covar, lineage, store = _feature_set_cohort(feature_set, out / "cohort", params, covar)
+        if bfile is None and pfile is None and genotypes is None:
+            genotypes = store
     source = open_source(bfile=bfile, pfile=pfile, store=genotypes)
     split = (lambda names: [n.strip() for n in names.split(",") if n.strip()] if names else None)
     phenotypes = align(read_table(pheno, split(pheno_name)), source.samples)
@@ -211,14 +220,15 @@ def gwas(
     if mlflow:
         inputs = {"genotypes": str(source.path), "genotypes_digest": getattr(source, "digest", ""),
                   "pheno": str(pheno), "pheno_sha256": file_sha256(pheno), "phenotypes": len(phenotypes.names),
-                  "covariates": ",".join(covariates.names) if covariates else ""}
+                  "covariates": ",".join(covariates.names) if covariates else "", **lineage}
         scan_record = json.loads((out / "scan.json").read_text())
         run_id = track(out, study, scan_record, inputs, uri=tracking_uri or section.get("tracking_uri"), settings=settings)
     untested = sum(summary.untested.values())
     err.print(f"gwas: {len(phenotypes.names)} phenotypes × {summary.variants} variants: {summary.tests} tests in "
               f"{summary.seconds:.1f} s ({summary.tests_per_second:,.0f}/s)"
               + (f", {untested} untestable ({', '.join(summary.untested)})" if untested else "")
-              + f"; λGC median {study['lambda_gc_median']:.3f}; {study['hits_genome_wide']} genome-wide hits in "
+              + (f"; λGC median {study['lambda_gc_median']:.3f}" if study["lambda_gc_median"] is not None else "")
+              + f"; {study['hits_genome_wide']} genome-wide hits in "
               f"{study['loci']} loci ({study['loci_study_wide']} study-wide); results in {out}"
               + (f"; MLflow run {run_id}" if run_id else ""), soft_wrap=True)
 
@@ -413,6 +423,23 @@ def lineage(
         chain = feature_lineage(p.store, name, int(version) if version else None)
     for key, value in chain.items():
         print(f"{key}: {value}")
+
+
+def _feature_set_cohort(target: str, out: Path, params: Path, covar: Optional[Path]):
+    """Export a feature set's analysis cohort (the catalog's SQL join) as the GWAS's pheno/covar tables."""
+    from endopheno.featurestore.catalog import connect
+    from endopheno.featurestore.cohort import export
+
+    name, _, version = target.partition("@")
+    if version and not version.isdigit():
+        raise EndophenoError(f"gwas: --feature-set {target}: the version after @ must be a number")
+    cp = _catalog_params(params)
+    con = connect(cp.path)
+    written = export(con, name, out, cp.covariates, int(version) if version else None)
+    chosen = json.loads(Path(f"{written['pheno.tsv']}.lineage.json").read_text())["version"]
+    err.print(f"gwas: feature set {name} v{chosen}: analysis cohort written to {out}")
+    return (written["pheno.tsv"], covar or written["covar.tsv"],
+            {"feature_set": name, "feature_set_version": chosen}, Path(cp.genotypes))
 
 
 def main() -> None:

@@ -162,32 +162,10 @@ def _cohort_views(con, p: CatalogParams, root: Path, feature_sets: list[str], ge
                     "NULL::BOOLEAN AS qc_pass, NULL::VARCHAR AS note WHERE false")
     if not p.participants or not genotyped:
         return
-    missing_covariate = " OR ".join(f"p.{ident(c)} IS NULL" for c in p.covariates) or "false"
-    covariate_names = ", ".join(f"CASE WHEN p.{ident(c)} IS NULL THEN {q(c)} END" for c in p.covariates) or "''"
-    pcs = [f for f in con.execute("SELECT column_name FROM (DESCRIBE genotypes.samples)").fetchall()]
-    pc_cols = ", ".join(f"s.{c[0]}" for c in pcs if c[0].startswith("pc"))
+    pc_cols = pc_columns(con)
     for name in feature_sets:
-        # Joins in order; a subject's `dropped_at` is the first one it fails, so the counts per step
-        # add up and the report says why each subject is missing from the analysis cohort.
-        con.execute(f"""
-            CREATE VIEW cohort.{ident('joined_' + name)} AS
-            SELECT f.*, {', '.join(f'p.{ident(c)}' for c in p.covariates)}{', ' if p.covariates else ''}
-                   s.fid, s.iid{', ' + pc_cols if pc_cols else ''},
-                   CASE WHEN NOT coalesce(qc.qc_pass, false) THEN 'imaging_qc'
-                        WHEN p.subject_id IS NULL THEN 'participants'
-                        WHEN {missing_covariate} THEN 'covariates'
-                        WHEN s.iid IS NULL THEN 'genotypes' END AS dropped_at,
-                   CASE WHEN qc.subject_id IS NULL THEN 'no imaging QC record'
-                        WHEN NOT coalesce(qc.qc_pass, false) THEN 'flagged by imaging QC: ' || coalesce(qc.note, 'low correlation with the template')
-                        WHEN p.subject_id IS NULL THEN 'not in the participants table'
-                        WHEN {missing_covariate} THEN 'missing covariate(s): ' || concat_ws(', ', {covariate_names})
-                        WHEN s.iid IS NULL AND r.iid IS NOT NULL THEN 'removed by genotype QC: ' || r.reason
-                        WHEN s.iid IS NULL THEN 'not genotyped' END AS reason
-            FROM features.{ident(name)} f
-            LEFT JOIN cohort.imaging_qc qc ON qc.subject_id = f.subject_id
-            LEFT JOIN cohort.participants p ON p.subject_id = f.subject_id
-            LEFT JOIN genotypes.samples s ON s.iid = f.subject_id
-            LEFT JOIN genotypes.removed_samples r ON r.iid = f.subject_id""")
+        con.execute(f"CREATE VIEW cohort.{ident('joined_' + name)} AS "
+                    + joined_select(f"features.{ident(name)}", p.covariates, pc_cols))
         con.execute(f"CREATE VIEW cohort.{ident('analysis_' + name)} AS SELECT * EXCLUDE (dropped_at, reason) "
                     f"FROM cohort.{ident('joined_' + name)} WHERE dropped_at IS NULL")
         con.execute(f"CREATE VIEW cohort.{ident('dropout_' + name)} AS SELECT subject_id, session, dropped_at, reason "
@@ -195,6 +173,38 @@ def _cohort_views(con, p: CatalogParams, root: Path, feature_sets: list[str], ge
     if p.analysis_feature_set in feature_sets:
         for kind in ("analysis", "dropout"):
             con.execute(f"CREATE VIEW cohort.{kind} AS SELECT * FROM cohort.{ident(kind + '_' + p.analysis_feature_set)}")
+
+
+def pc_columns(con) -> str:
+    """The genotype store's PC columns, as the select list of the cohort join."""
+    names = [r[0] for r in con.execute("SELECT column_name FROM (DESCRIBE genotypes.samples)").fetchall()]
+    return ", ".join(f"s.{c}" for c in names if c.startswith("pc") and c[2:].isdigit())
+
+
+def joined_select(features: str, covariates: list[str], pc_cols: str) -> str:
+    """The cohort join of one feature relation (a set's latest view or a pinned ``<set>_v<N>``)."""
+    missing_covariate = " OR ".join(f"p.{ident(c)} IS NULL" for c in covariates) or "false"
+    covariate_names = ", ".join(f"CASE WHEN p.{ident(c)} IS NULL THEN {q(c)} END" for c in covariates) or "''"
+    # Joins in order; a subject's `dropped_at` is the first one it fails, so the counts per step
+    # add up and the report says why each subject is missing from the analysis cohort.
+    return f"""
+        SELECT f.*, {', '.join(f'p.{ident(c)}' for c in covariates)}{', ' if covariates else ''}
+               s.fid, s.iid{', ' + pc_cols if pc_cols else ''},
+               CASE WHEN NOT coalesce(qc.qc_pass, false) THEN 'imaging_qc'
+                    WHEN p.subject_id IS NULL THEN 'participants'
+                    WHEN {missing_covariate} THEN 'covariates'
+                    WHEN s.iid IS NULL THEN 'genotypes' END AS dropped_at,
+               CASE WHEN qc.subject_id IS NULL THEN 'no imaging QC record'
+                    WHEN NOT coalesce(qc.qc_pass, false) THEN 'flagged by imaging QC: ' || coalesce(qc.note, 'low correlation with the template')
+                    WHEN p.subject_id IS NULL THEN 'not in the participants table'
+                    WHEN {missing_covariate} THEN 'missing covariate(s): ' || concat_ws(', ', {covariate_names})
+                    WHEN s.iid IS NULL AND r.iid IS NOT NULL THEN 'removed by genotype QC: ' || r.reason
+                    WHEN s.iid IS NULL THEN 'not genotyped' END AS reason
+        FROM {features} f
+        LEFT JOIN cohort.imaging_qc qc ON qc.subject_id = f.subject_id
+        LEFT JOIN cohort.participants p ON p.subject_id = f.subject_id
+        LEFT JOIN genotypes.samples s ON s.iid = f.subject_id
+        LEFT JOIN genotypes.removed_samples r ON r.iid = f.subject_id"""
 
 
 def _genotype_views(con, p: CatalogParams, root: Path) -> bool:

@@ -56,18 +56,30 @@ def report(con: duckdb.DuckDBPyConnection, feature_set: str) -> CohortReport:
     return CohortReport(feature_set, version, len(rows), sum(1 for r in rows if r[1] is None), dropped)
 
 
-def export(con: duckdb.DuckDBPyConnection, feature_set: str, out: str | Path, covariates: list[str]) -> dict[str, Path]:
-    """Write the analysis cohort as `pheno.tsv` (FID, IID, every feature column) and `covar.tsv` (FID,
-    IID, covariates, PCs), each with a `.lineage.json` naming the feature-set version and the file's
-    sha256. Files are written beside their destination and renamed into place."""
+def export(con: duckdb.DuckDBPyConnection, feature_set: str, out: str | Path, covariates: list[str],
+           version: int | None = None) -> dict[str, Path]:
+    """Write the analysis cohort of the set's latest version (or of `version`) as `pheno.tsv` (FID,
+    IID, every feature column) and `covar.tsv` (FID, IID, covariates, PCs), each with a
+    `.lineage.json` naming the feature-set version and the file's sha256. Files are written beside
+    their destination and renamed into place."""
+    from endopheno.featurestore.catalog import joined_select, pc_columns
     from endopheno.featurestore.definitions import STANDARD_COLUMNS
     from endopheno.genotypes.store import file_sha256
 
-    version = _check_set(con, feature_set)
+    latest = _check_set(con, feature_set)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    view = f"cohort.{ident('analysis_' + feature_set)}"
-    features = [c for c in con.sql(f"SELECT * FROM features.{ident(feature_set)} LIMIT 0").to_arrow_table().schema.names
+    if version is None or version == latest:
+        version, features_view = latest, f"features.{ident(feature_set)}"
+        view = f"cohort.{ident('analysis_' + feature_set)}"
+    else:
+        features_view = f"features.{ident(f'{feature_set}_v{version}')}"
+        known = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE schema_name = 'features'").fetchall()}
+        if features_view.split(".", 1)[1].strip('"') not in known:
+            raise InputError(f"{feature_set}@{version}", f"no such version (latest is {latest})")
+        view = f"({joined_select(features_view, covariates, pc_columns(con))}) WHERE dropped_at IS NULL"
+        view = f"(SELECT * EXCLUDE (dropped_at, reason) FROM {view})"
+    features = [c for c in con.sql(f"SELECT * FROM {features_view} LIMIT 0").to_arrow_table().schema.names
                 if c not in STANDARD_COLUMNS]
     pcs = [c for c in con.sql(f"SELECT * FROM {view} LIMIT 0").to_arrow_table().schema.names
            if c.startswith("pc") and c[2:].isdigit()]
