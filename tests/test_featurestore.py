@@ -332,3 +332,14 @@ def test_gwas_reads_a_feature_set_version_through_the_cohort_join(repo):
     assert len(results) > 0 and (results["reason"] == "too few observations").all() and results["p"].isna().all()
     bad = cli("gwas", "--feature-set", "atlas_regions@7", "--out", str(out), "--no-mlflow", cwd=repo, check=2)
     assert "atlas_regions@7: no such version" in bad.stderr
+
+
+def test_the_duckdb_command_line_client_answers_the_cohort_join(repo):
+    exe = Path(sys.executable).with_name("duckdb")  # the duckdb-cli package's client, not the Python module
+    queries = ["SELECT count(*) AS n FROM cohort.analysis", "SELECT max(version) AS n FROM meta.feature_versions",
+               "SELECT count(*) AS n FROM cohort.dropout", "SELECT count(*) AS n FROM features.atlas_regions_v0"]
+    for query in queries:
+        proc = subprocess.run([str(exe), "-readonly", "-json", "stores/catalog.duckdb", "-c", query], cwd=repo,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == [{"n": _plain(repo, query)[query][0][0]}]

@@ -285,7 +285,9 @@ def build_catalog(p: CatalogParams, root: str | Path = ".") -> dict:
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        con = duckdb.connect(str(tmp))
+        # The released command-line client (duckdb-cli 1.5) reads storage formats up to 1.5's; the
+        # Python package (2.x) would otherwise write one that client refuses.
+        con = duckdb.connect(str(tmp), config={"storage_compatibility_version": "v1.5.0"})
         # Views hold paths relative to the root and DuckDB binds them when they are created.
         con.execute(f"SET file_search_path = {q(root)}")
         for schema in ("features", "cohort", "genotypes", "gwas", "meta"):
