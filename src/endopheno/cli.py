@@ -23,6 +23,8 @@ err = Console(stderr=True, highlight=False)
 
 WORKERS = typer.Option(None, help="Parallel worker processes (default: one per core).")
 SCHEDULER = typer.Option(None, help="Address of an existing dask scheduler (e.g. tcp://host:8786) to run on.")
+BFILE = typer.Option(None, help="PLINK 1 prefix: PREFIX.bed/.bim/.fam.")
+PFILE = typer.Option(None, help="PLINK 2 prefix: PREFIX.pgen/.pvar/.psam.")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -124,8 +126,8 @@ app.add_typer(genotypes_app, name="genotypes")
 @genotypes_app.command("import")
 def genotypes_import(
     out: Path = typer.Option(..., help="Genotype store folder to write, e.g. stores/genotypes/<name> (replaced whole)."),
-    bfile: Optional[Path] = typer.Option(None, help="PLINK 1 prefix: PREFIX.bed/.bim/.fam."),
-    pfile: Optional[Path] = typer.Option(None, help="PLINK 2 prefix: PREFIX.pgen/.pvar/.psam."),
+    bfile: Optional[Path] = BFILE,
+    pfile: Optional[Path] = PFILE,
     subjects: Optional[Path] = typer.Option(None, help="Imaging subjects to match sample IIDs against: the volume store or a participants.tsv."),
     params: Path = typer.Option(Path("params.yaml"), help="Parameter file; its `genotypes` section (QC, PCA, chunking, seed) is used if present."),
     workers: Optional[int] = typer.Option(None, help="Threads computing the PCs (default: one per core)."),
@@ -154,8 +156,8 @@ def gwas(
     pheno: Optional[Path] = typer.Option(None, help="Phenotype table (PLINK 2 style: header, [FID] IID, NA = missing)."),
     feature_set: Optional[str] = typer.Option(None, help="Instead of --pheno: a feature set NAME[@VERSION] of the catalog; "
                                               "its analysis cohort gives the phenotypes, covariates and PCs."),
-    bfile: Optional[Path] = typer.Option(None, help="PLINK 1 prefix: PREFIX.bed/.bim/.fam."),
-    pfile: Optional[Path] = typer.Option(None, help="PLINK 2 prefix: PREFIX.pgen/.pvar/.psam."),
+    bfile: Optional[Path] = BFILE,
+    pfile: Optional[Path] = PFILE,
     genotypes: Optional[Path] = typer.Option(None, help="Genotype store folder (from `endopheno genotypes import`)."),
     pheno_name: Optional[str] = typer.Option(None, help="Comma-separated phenotype columns (default: all)."),
     covar: Optional[Path] = typer.Option(None, help="Covariate table, same conventions as --pheno."),

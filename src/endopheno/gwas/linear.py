@@ -43,6 +43,7 @@ import numpy as np
 import scipy.sparse
 from scipy import special
 
+from endopheno.errors import InputError
 from endopheno.genotypes.sources import MISSING
 
 # A variant is untestable when what remains of its dosage variance after projecting out the covariates is
@@ -102,7 +103,6 @@ def phenotype_groups(phenotypes: np.ndarray, covariates: np.ndarray, names: list
     covariates : (samples × c) float array aligned likewise; a sample missing any covariate is left out.
     names : the P phenotype names; `covariate_names` name the covariates in errors.
     """
-    from endopheno.errors import InputError
 
     usable = ~np.isnan(covariates).any(axis=1)
     observed = ~np.isnan(phenotypes) & usable[:, None]
@@ -183,14 +183,14 @@ def _buffer(shape: tuple[int, int], dtype) -> np.ndarray:
 
 
 def associate_block(dosages: np.ndarray, group: PhenotypeGroup, *, missing: str = "exact",
-                    precision: str = "float64", product=None, timer: dict | None = None) -> BlockResult:
+                    precision: str = "float64", product=None, laps: Laps | None = None) -> BlockResult:
     """Test every variant of `dosages` (variants × all samples) against every phenotype of `group`.
 
     `product(g, y)` computes the big matrix product; the default is numpy (BLAS). The GPU path passes a
     torch implementation. `precision="float32"` does that product in single precision; every side
-    term stays in float64. `timer`, if given, accumulates the seconds spent in each phase.
+    term stays in float64. `laps`, if given, accumulates the seconds spent in each phase.
     """
-    lap = Laps(timer)
+    lap = laps or Laps(None)
     block = dosages if group.all_samples else dosages[:, group.samples]
     dtype = np.float32 if precision == "float32" else np.float64
     g, indicator, s1, s2, n_missing = decode(block, dtype)

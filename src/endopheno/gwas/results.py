@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from endopheno.genotypes.sources import MISSING
+from endopheno.genotypes.qc import missing_calls
 
 MEDIAN_CHI2_1DF = stats.chi2.ppf(0.5, 1)  # 0.4549…
 
@@ -96,9 +96,7 @@ def ld_r2(source, lead: int, others: np.ndarray) -> np.ndarray:
 
 
 def _as_float(dosages: np.ndarray) -> np.ndarray:
-    if dosages.dtype == np.int8:
-        return np.where(dosages == MISSING, np.nan, dosages.astype(np.float64))
-    return dosages.astype(np.float64)
+    return np.where(missing_calls(dosages), np.nan, dosages.astype(np.float64))
 
 
 def lead_models(loci: pd.DataFrame, source, phenotypes, covariates) -> pd.DataFrame:
@@ -162,9 +160,13 @@ def qq(out: str | Path, path: str | Path, lambdas: pd.DataFrame, max_points: int
 
     fig, ax = plt.subplots(figsize=(4.8, 4.8), dpi=110)
     top = 0.0
-    for name in lambdas["phenotype"]:
-        lp = duckdb.sql(f"SELECT log10_p FROM {results_sql(out)} WHERE reason IS NULL AND phenotype = '{name}' "
-                        "ORDER BY log10_p DESC").fetchnumpy()["log10_p"]
+    # One read of the results, strongest first within each phenotype (in `lambdas`' order, which is
+    # also by phenotype), rather than one scan per phenotype.
+    ranked = duckdb.sql(f"SELECT log10_p FROM {results_sql(out)} WHERE reason IS NULL "
+                        "ORDER BY phenotype::VARCHAR, log10_p DESC").fetchnumpy()["log10_p"]
+    ends = np.cumsum(lambdas["tests"].to_numpy())
+    for end, count in zip(ends, lambdas["tests"]):
+        lp = ranked[end - count:end]
         expected = -np.log10((np.arange(1, len(lp) + 1) - 0.5) / len(lp))
         keep = np.unique(np.concatenate([np.arange(min(len(lp), 1000)),
                                          np.linspace(0, len(lp) - 1, min(len(lp), max_points)).astype(int)]))

@@ -127,8 +127,7 @@ def _scan_block(block, *, reader, groups: list[PhenotypeGroup], options: GwasOpt
     v = variants.iloc[start:stop]
     for group in groups:
         r = associate_block(dosages, group, missing=options.missing, precision=options.precision, product=product,
-                            timer=timer)
-        lap.t = time.perf_counter()
+                            laps=lap)
         mac = np.minimum(2 * r.n * r.a1_freq, 2 * r.n * (1 - r.a1_freq))
         keep = ~((np.minimum(r.a1_freq, 1 - r.a1_freq) < options.min_maf) | (mac < options.min_mac))
         counts["filtered"] += int((~keep).sum()) * len(r.names)
