@@ -427,6 +427,79 @@ def lineage(
         print(f"{key}: {value}")
 
 
+@app.command()
+def train(
+    model: str = typer.Argument(..., help="A model of params.yaml train.models (e.g. cnn3d, autoencoder3d)."),
+    folds: Optional[int] = typer.Option(None, help="Outer cross-validation folds (default: params.yaml)."),
+    epochs: Optional[int] = typer.Option(None, help="Maximum epochs (default: the model's entry)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
+    params: Path = typer.Option(Path("params.yaml"), help="Parameter file; its `train` section is used."),
+) -> None:
+    """Train a model with grouped, stratified k-fold cross-validation and baselines; register it in MLflow
+    as endopheno.MODEL (the best version holds the alias `champion`). Rerunning resumes an interrupted run."""
+    from dataclasses import replace
+
+    from endopheno.models.train import load_train_params, model_spec, train as train_model
+    from endopheno.params import load_params
+
+    p = load_train_params(load_params("train", params))
+    p = replace(p, **{k: v for k, v in {"folds": folds, "device": device}.items() if v is not None})
+    if epochs is not None:
+        p = replace(p, models={**p.models, model: {**p.models.get(model, {}), "epochs": epochs}})
+    model_spec(p, model)   # unknown names fail before any volume is read
+    t0 = time.perf_counter()
+    report = train_model(p, model)
+    if report.excluded:
+        err.print(f"{len(report.excluded)} subjects left out (first: "
+                  + "; ".join(f"{s}: {r}" for s, r in report.excluded[:3]) + ")", soft_wrap=True)
+    err.print(f"{report.line()} in {time.perf_counter() - t0:.0f} s", soft_wrap=True)
+
+
+@app.command()
+def extract(
+    feature_set: str = typer.Option(..., help="Feature set to write (a definition in features/, e.g. ae_t1)."),
+    model: Optional[str] = typer.Option(None, help="Registered model NAME@ALIAS or NAME/VERSION "
+                                        "(default: the definition's producer.model)."),
+    params: Path = typer.Option(Path("params.yaml"), help="Parameter file; its `extract` section is used."),
+) -> None:
+    """Run a registered model over every preprocessed subject and commit its features as a new version of
+    the feature set (nothing is written when model version and volumes are unchanged)."""
+    from endopheno.featurestore.definitions import definition
+    from endopheno.models.extract import ExtractParams, extract as extract_set
+    from endopheno.params import from_section, load_params
+
+    p = from_section(ExtractParams, load_params(None, params).get("extract") if params.exists() else None, "extract")
+    t0 = time.perf_counter()
+    report = extract_set(definition(feature_set, p.definitions), p, model)
+    for subject, reason in report.failed:
+        err.print(f"[red]failed[/red] subject {subject}: {reason}", soft_wrap=True)
+    err.print(f"{report.summary()} in {time.perf_counter() - t0:.1f} s", soft_wrap=True)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def models(tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite:///stores/mlflow.db).")) -> None:
+    """The model registry: every registered endopheno model version, its tags and aliases."""
+    import mlflow
+    import pyarrow as pa
+
+    from endopheno.tracking import tracking_uri as uri
+
+    mlflow.set_tracking_uri(uri(tracking_uri))
+    client = mlflow.MlflowClient()
+    rows = []
+    for registered in client.search_registered_models():
+        aliases = client.get_registered_model(registered.name).aliases   # search results leave them out
+        for v in client.search_model_versions(f"name='{registered.name}'"):
+            rows.append({"model": registered.name, "version": int(v.version),
+                         "aliases": ",".join(a for a, version in aliases.items() if str(version) == str(v.version)),
+                         "task": v.tags.get("task", ""), "metric": v.tags.get("metric", ""), "cv_value": v.tags.get("cv_value", ""),
+                         "folds": v.tags.get("folds", ""), "run": v.run_id[:8]})
+    rows.sort(key=lambda r: (r["model"], r["version"]))
+    _print_table(pa.Table.from_pylist(rows) if rows else pa.table({"model": pa.array([], pa.string())}), "model registry")
+
+
 def _feature_set_cohort(target: str, out: Path, params: Path, covar: Optional[Path]):
     """Export a feature set's analysis cohort (the catalog's SQL join) as the GWAS's pheno/covar tables."""
     from endopheno.featurestore.catalog import connect

@@ -33,8 +33,10 @@ def git_revision(cwd: str | Path = ".") -> str:
 
 
 @contextlib.contextmanager
-def mlflow_run(experiment: str, run_name: str, *, uri: str | None = None, tags: dict | None = None) -> Iterator:
-    """Start an MLflow run in `experiment` (created with its artifacts beside the sqlite store)."""
+def mlflow_run(experiment: str, run_name: str, *, uri: str | None = None, tags: dict | None = None,
+               run_id: str | None = None) -> Iterator:
+    """Start an MLflow run in `experiment` (created with its artifacts beside the sqlite store), or
+    continue run `run_id` (a resumed training)."""
     import mlflow
 
     for noisy in ("mlflow", "alembic"):
@@ -49,6 +51,11 @@ def mlflow_run(experiment: str, run_name: str, *, uri: str | None = None, tags: 
     mlflow.set_tracking_uri(uri)
     found = mlflow.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else mlflow.create_experiment(experiment, artifact_location=artifacts)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+    if run_id is not None:
+        try:
+            mlflow.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            run_id = None   # the tracking store was reset since: start afresh
+    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id, run_name=None if run_id else run_name,
                           tags={"git_revision": git_revision(), **(tags or {})}) as run:
         yield run

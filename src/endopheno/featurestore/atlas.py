@@ -141,15 +141,6 @@ def measure_subject(item: tuple[int, str, np.ndarray], *, store: str, modality: 
     return {"subject_id": subject, "volume": np.append(volume, gm.sum()), "mean": np.append(mean, t1.mean())}
 
 
-def volume_store_digest(ds) -> str:
-    """What the MNI group was built from: preprocessing parameters and every subject's source hash
-    (preprocessing is deterministic, so these fix its output)."""
-    h = hashlib.sha256(str(ds.attrs.get("params_digest", "")).encode())
-    for subject, sha in zip(ds.subject.values, ds.source_sha256.values):
-        h.update(f"{subject}:{sha}\n".encode())
-    return h.hexdigest()[:16]
-
-
 def measure(store: str | Path, atlas: Atlas, *, modality: str = "T1w", seed: int = 0,
             workers: int | None = None, scheduler: str | None = None) -> tuple[dict[str, dict], list]:
     """Measure every preprocessed subject of the volume store. Returns ({subject: row}, failures),
@@ -241,7 +232,7 @@ def build_atlas_set(defn, p: FeatureParams, *, scheduler: str | None = None) -> 
 
     from endopheno.featurestore.store import latest_metadata, write_version
     from endopheno.tracking import git_revision, mlflow_run
-    from endopheno.volumes.preprocess import open_mni
+    from endopheno.volumes.preprocess import open_mni, volume_store_digest
     from deltalake import DeltaTable
 
     if defn.producer.get("kind") != "atlas":

@@ -3,7 +3,9 @@
 A definition names the set, its entity, its integer `schema_version` (bumped on a breaking change, as
 in Hopsworks), its producer (a registered model and version, or an atlas measurement) and its columns
 with types and descriptions. A column entry with ``per: region`` is a template expanded once per atlas
-region (``{region}_volume_mm3``). Every set also carries the key and provenance columns in
+region (``{region}_volume_mm3``); ``per: dimension`` expands over a model's embedding dimensions
+(``f{dimension}`` → ``f000`` … ``f127``). A model-produced column names the model ``output`` it holds
+(``embedding``, ``probability`` or ``prediction``; per-dimension columns hold the embedding). Every set also carries the key and provenance columns in
 `STANDARD_COLUMNS`.
 """
 
@@ -35,6 +37,7 @@ class Column:
     type: str
     description: str
     per: str | None = None
+    output: str | None = None   # model sets: which model output fills it
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class FeatureSet:
 
     @property
     def model_name(self) -> str:
-        return str(self.producer.get("name", self.producer.get("kind", "")))
+        return str(self.producer.get("name", self.producer.get("model", self.producer.get("kind", ""))))
 
     @property
     def model_version(self) -> str:
@@ -66,7 +69,8 @@ class FeatureSet:
                 continue
             if regions is None:
                 raise InputError(self.name, f"column {c.name} is per {c.per}, but no {c.per} names were given")
-            out += [Column(c.name.format(**{c.per: r}), c.type, c.description.format(**{c.per: r})) for r in regions]
+            out += [Column(c.name.format(**{c.per: r}), c.type, c.description.format(**{c.per: r}), None, c.output)
+                    for r in regions]
         return out
 
     def arrow_schema(self, regions: list[str] | None = None) -> pa.Schema:
@@ -94,13 +98,14 @@ def load_definition(path: str | Path) -> FeatureSet:
         raise InputError(path, "schema_version must be a positive integer")
     columns = []
     for c in d["columns"]:
-        if not {"name", "type", "description"} <= set(c) or set(c) - {"name", "type", "description", "per"}:
-            raise InputError(path, f"column {c}: needs name, type, description (and optionally per)")
+        if not {"name", "type", "description"} <= set(c) or set(c) - {"name", "type", "description", "per", "output"}:
+            raise InputError(path, f"column {c}: needs name, type, description (and optionally per, output)")
         if c["type"] not in TYPES:
             raise InputError(path, f"column {c['name']}: type {c['type']!r} is not one of {', '.join(TYPES)}")
         if c["name"] in STANDARD_COLUMNS:
             raise InputError(path, f"column {c['name']} is a standard column every set has already")
-        columns.append(Column(c["name"], c["type"], c["description"].strip(), c.get("per")))
+        output = c.get("output", "embedding" if c.get("per") == "dimension" else None)
+        columns.append(Column(c["name"], c["type"], c["description"].strip(), c.get("per"), output))
     entity = d.get("entity") or {"key": "subject_id", "session": "session"}
     return FeatureSet(d["name"], d["description"].strip(), d["schema_version"], dict(d["producer"]), tuple(columns),
                       entity, path)

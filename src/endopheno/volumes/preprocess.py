@@ -380,3 +380,12 @@ def preprocess(store: str | Path, p: PreprocessParams = PreprocessParams(), *, w
 def open_mni(store: str | Path) -> xr.Dataset:
     """The preprocessed volumes as a labelled Dataset (lazy, dask-backed)."""
     return xr.open_zarr(str(store), group=MNI)
+
+
+def volume_store_digest(ds: xr.Dataset) -> str:
+    """The content digest of the MNI group: preprocessing parameters and every subject's source hash
+    (preprocessing is deterministic, so these fix its output). Feature sets and training runs record it."""
+    h = hashlib.sha256(str(ds.attrs.get("params_digest", "")).encode())
+    for subject, sha in zip(ds.subject.values, ds.source_sha256.values):
+        h.update(f"{subject}:{sha}\n".encode())
+    return h.hexdigest()[:16]

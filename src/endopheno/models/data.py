@@ -1,0 +1,255 @@
+"""What a model reads: the subjects of a task with their targets, and a Zarr-backed torch Dataset.
+
+A model sees the MNI volume store (``mni/<modality>``, subjects × x × y × z, already z-scored inside the
+brain mask) average-pooled to the model's resolution (``resolution_mm``; the demo trains at 4 mm on
+2 mm volumes). Input maps are channels: a modality of the store (``T1w``) or ``gm``, the soft grey-
+matter probability of the pooled T1 (the Gaussian mixture of the atlas features), so that networks
+with one branch per map (``inception3d``) can see T1 and grey matter separately.
+
+Targets come from the cohort's participants table (BIDS ``participants.tsv``): the diagnosis for
+classification (``classes``: negative first, positive last; other labels are left out and reported),
+a numeric column (age) for regression, none for reconstruction.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from endopheno.errors import InputError
+
+log = logging.getLogger(__name__)
+TASKS = ("classification", "regression", "reconstruction")
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """The subjects a task trains and is evaluated on.
+
+    ``rows`` index the store's subject axis; ``groups`` are participants (a subject scanned in two
+    sessions is one group, so both scans land in the same fold); ``target`` is the class index (0/1),
+    the numeric target, or NaN for reconstruction; ``strata`` is what folds are balanced on.
+    """
+
+    task: str
+    rows: np.ndarray
+    subjects: np.ndarray
+    groups: np.ndarray
+    target: np.ndarray
+    strata: np.ndarray
+    diagnosis: np.ndarray
+    excluded: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def participant_table(path: str | Path) -> pd.DataFrame:
+    """participants.tsv indexed by subject_id (``sub-`` removed)."""
+    try:
+        table = pd.read_csv(path, sep="\t", dtype={"participant_id": str})
+    except FileNotFoundError:
+        raise InputError(path, "no such participants table") from None
+    if "participant_id" not in table:
+        raise InputError(path, "has no participant_id column")
+    table["subject_id"] = table.participant_id.str.removeprefix("sub-")
+    return table.set_index("subject_id")
+
+
+def task_data(ds, participants: str | Path, task: str, *, target: str = "diagnosis",
+              classes: tuple[str, str] = ("CN", "AD")) -> TaskData:
+    """Select the store's subjects usable for `task` and attach their targets.
+
+    A subject is used when its MNI volume is finished, it passed preprocessing QC and it has a valid
+    target; every other one is listed in ``excluded`` with the reason (never silently dropped).
+    """
+    if task not in TASKS:
+        raise InputError(task, f"unknown task (known: {', '.join(TASKS)})")
+    table = participant_table(participants)
+    if task != "reconstruction" and target not in table:
+        raise InputError(participants, f"has no {target!r} column for the {task} target")
+    keys = ds.subject.values.astype(str)
+    done = ds.source_sha256.values.astype(str) != ""
+    qc = np.asarray(ds.qc_pass.values, dtype=bool)
+    rows, targets, excluded = [], [], []
+    for i, key in enumerate(keys):
+        subject = key.split("_ses-")[0]
+        if not done[i]:
+            excluded.append((key, "not preprocessed"))
+            continue
+        if not qc[i]:
+            excluded.append((key, "failed preprocessing QC"))
+            continue
+        if subject not in table.index:
+            if task == "reconstruction":
+                rows.append(i), targets.append(math.nan)
+            else:
+                excluded.append((key, f"not in {Path(participants).name}"))
+            continue
+        value = table.at[subject, target] if target in table else None
+        if task == "classification":
+            if value not in classes:
+                excluded.append((key, f"{target} {value!r} is not one of {', '.join(classes)}"))
+                continue
+            value = float(classes.index(value))
+        elif task == "regression":
+            value = pd.to_numeric(value, errors="coerce")
+            if not np.isfinite(value):
+                excluded.append((key, f"{target} is missing"))
+                continue
+        else:
+            value = math.nan
+        rows.append(i), targets.append(float(value))
+    rows = np.asarray(rows, dtype=np.int64)
+    subjects = keys[rows]
+    groups = np.array([s.split("_ses-")[0] for s in subjects])
+    diagnosis = np.array([str(table.at[g, "diagnosis"]) if g in table.index and "diagnosis" in table else ""
+                          for g in groups])
+    target_values = np.asarray(targets, dtype=np.float64)
+    if task == "classification":
+        strata = target_values.astype(int)
+    elif task == "regression":
+        # quintiles of the target, so every fold spans its range
+        strata = np.searchsorted(np.quantile(target_values, [0.2, 0.4, 0.6, 0.8]), target_values)
+    else:
+        strata = pd.factorize(diagnosis)[0]
+    for key, reason in excluded:
+        log.info("left out %s: %s", key, reason)
+    if len(rows) < 10:
+        raise InputError(participants, f"only {len(rows)} subjects usable for {task} (need at least 10)")
+    return TaskData(task, rows, subjects, groups, target_values, strata, diagnosis, excluded)
+
+
+def pool_factor(store_voxel_mm: float, resolution_mm: float | None) -> int:
+    """The average-pooling factor from the store's grid to the model's (1 = the store's resolution)."""
+    if not resolution_mm:
+        return 1
+    factor = resolution_mm / store_voxel_mm
+    if factor < 1 or abs(factor - round(factor)) > 1e-6:
+        raise InputError(f"resolution_mm {resolution_mm}", f"must be a whole multiple of the store's {store_voxel_mm:g} mm")
+    return int(round(factor))
+
+
+def pool(volumes: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average-pool [..., X, Y, Z] by `factor` (edges: partial windows are averaged over what they hold)."""
+    if factor == 1:
+        return volumes
+    shape = volumes.shape
+    x = volumes.reshape(-1, 1, *shape[-3:])
+    x = F.avg_pool3d(x, factor, ceil_mode=True, count_include_pad=False)
+    return x.reshape(*shape[:-3], *x.shape[-3:])
+
+
+def brain_mask(ds, factor: int) -> torch.Tensor:
+    """The template brain mask at the model's resolution (a pooled voxel is brain when mostly brain)."""
+    return pool(torch.as_tensor(np.asarray(ds.brain_mask.values), dtype=torch.float32), factor) > 0.5
+
+
+def grey_matter(t1: torch.Tensor, mask: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Soft grey-matter map of a pooled T1 volume: P(GM | intensity) inside the mask, 0 outside."""
+    from endopheno.featurestore.atlas import soft_grey_matter
+
+    out = torch.zeros_like(t1)
+    out[mask] = torch.as_tensor(soft_grey_matter(t1[mask].numpy(), seed), dtype=t1.dtype)
+    return out
+
+
+class VolumeDataset(torch.utils.data.Dataset):
+    """Subjects of the Zarr volume store as [C, X, Y, Z] tensors at the model's resolution.
+
+    Each item is read from its own Zarr chunk (one subject per chunk), so DataLoader workers read in
+    parallel and prefetch ahead of the model; nothing is held in memory between items. ``normalise``
+    (per-channel mean and SD, fitted on training subjects only) and ``augment`` (a MONAI transform)
+    are applied in the worker.
+    """
+
+    def __init__(self, store: str | Path, rows: np.ndarray, targets: np.ndarray, *, inputs: tuple[str, ...] = ("T1w",),
+                 factor: int = 1, mask: torch.Tensor | None = None, normalise: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 augment=None):
+        self.store, self.rows, self.targets = str(store), np.asarray(rows), np.asarray(targets, dtype=np.float32)
+        self.inputs, self.factor, self.mask = tuple(inputs), factor, mask
+        self.normalise, self.augment = normalise, augment
+        self._group = None  # opened lazily, once per worker process
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def volume(self, index: int) -> torch.Tensor:
+        import zarr
+
+        if self._group is None:
+            self._group = zarr.open_group(self.store, mode="r", path="mni")
+        row = int(self.rows[index])
+        channels = {}
+        for name in self.inputs:
+            source = "T1w" if name == "gm" else name
+            if source not in channels:
+                channels[source] = pool(torch.from_numpy(np.asarray(self._group[source][row], dtype=np.float32)), self.factor)
+        out = [grey_matter(channels["T1w"], self.mask) if name == "gm" else channels[name] for name in self.inputs]
+        return torch.stack(out)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.volume(index)
+        if self.normalise is not None:
+            mean, sd = self.normalise
+            x = (x - mean[:, None, None, None]) / sd[:, None, None, None]
+            if self.mask is not None:
+                x = x * self.mask
+        if self.augment is not None:
+            x = torch.as_tensor(self.augment(x), dtype=torch.float32)
+        return x, torch.tensor(self.targets[index])
+
+
+def fit_normalisation(dataset: VolumeDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and SD over the brain voxels of every subject of `dataset` (pass the training
+    subjects only: statistics fitted on validation or test subjects leak them into training)."""
+    total = total2 = count = 0.0
+    for i in range(len(dataset)):
+        x = dataset.volume(i).double()
+        v = x[:, dataset.mask] if dataset.mask is not None else x.reshape(x.shape[0], -1)
+        total = total + v.sum(1)
+        total2 = total2 + (v * v).sum(1)
+        count += v.shape[1]
+    mean = total / count
+    sd = torch.sqrt(torch.clamp(total2 / count - mean * mean, min=1e-12))
+    return mean.float(), sd.float()
+
+
+def augmentation(options: dict | None, seed: int):
+    """A MONAI transform from the `augment` knobs (None when all are off).
+
+    ``affine_prob`` (random rotation up to ``rotate_deg`` and translation up to ``translate_vox``),
+    ``flip_prob`` (left-right: off by default, since the phantom's and real brains' genetic effects are
+    lateralised and a flip would mix the hemispheres), ``noise_sd``, ``bias_prob`` (a smooth
+    multiplicative bias field).
+    """
+    from monai.transforms import Compose, RandAffine, RandBiasField, RandFlip, RandGaussianNoise
+
+    o = {"affine_prob": 0.0, "rotate_deg": 5.0, "translate_vox": 2.0, "flip_prob": 0.0, "noise_sd": 0.0,
+         "bias_prob": 0.0, **(options or {})}
+    unknown = set(o) - {"affine_prob", "rotate_deg", "translate_vox", "flip_prob", "noise_sd", "bias_prob"}
+    if unknown:
+        raise InputError("augment", f"unknown option(s) {', '.join(sorted(unknown))}")
+    transforms = []
+    if o["affine_prob"] > 0:
+        angle = math.radians(o["rotate_deg"])
+        transforms.append(RandAffine(prob=o["affine_prob"], rotate_range=(angle,) * 3,
+                                     translate_range=(o["translate_vox"],) * 3, padding_mode="zeros"))
+    if o["flip_prob"] > 0:
+        transforms.append(RandFlip(prob=o["flip_prob"], spatial_axis=0))
+    if o["noise_sd"] > 0:
+        transforms.append(RandGaussianNoise(prob=1.0, std=o["noise_sd"]))
+    if o["bias_prob"] > 0:
+        transforms.append(RandBiasField(prob=o["bias_prob"], coeff_range=(0.0, 0.1)))
+    if not transforms:
+        return None
+    compose = Compose(transforms)
+    compose.set_random_state(seed=seed)
+    return compose

@@ -1,0 +1,68 @@
+"""Honest evaluation: subject-grouped, stratified, seeded k-fold with an inner validation split, and the
+check that fails a run whose split or normalisation leaks.
+
+Every outer fold holds out a test set that nothing else touches: early stopping, model selection (the
+patch ranking of ``patch27``), normalisation statistics and baselines see only its training and
+validation subjects (Varoquaux et al. 2017, NeuroImage 145:166, "Assessing and tuning brain decoders:
+cross-validation, caveats, and guidelines"; Wen et al. 2020, Med. Image Anal. 63:101694, on data
+leakage in AD classification with CNNs). Subjects are grouped by participant so that two sessions of
+one person never sit on both sides of a split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from endopheno.errors import EndophenoError
+
+
+class LeakageError(EndophenoError):
+    """A split or a fitted statistic lets evaluation subjects into training."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Positions (into a TaskData) of one outer fold's train, validation and test subjects."""
+
+    fold: int
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+
+
+def outer_folds(groups: np.ndarray, strata: np.ndarray, *, folds: int = 5, validation_fraction: float = 0.2,
+                seed: int = 0) -> list[Split]:
+    """`folds` outer folds; inside each, about `validation_fraction` of the remaining participants
+    become the validation set (itself grouped and stratified). ``folds=1`` is no cross-validation:
+    every subject trains or validates (the final model)."""
+    index = np.arange(len(groups))
+    inner_k = max(2, round(1 / validation_fraction))
+    if folds == 1:
+        outer = [(index, index[:0])]
+    else:
+        outer = list(StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(index, strata, groups))
+    splits = []
+    for k, (rest, test) in enumerate(outer):
+        inner = StratifiedGroupKFold(inner_k, shuffle=True, random_state=seed + 1 + k)
+        fit, validation = next(inner.split(rest, strata[rest], groups[rest]))
+        splits.append(Split(k, np.sort(rest[fit]), np.sort(rest[validation]), np.sort(test)))
+    return splits
+
+
+def check_split(split: Split, groups: np.ndarray, normalisation_subjects: np.ndarray | None = None) -> None:
+    """Raise `LeakageError` when a participant is in two of train/validation/test, or when the
+    normalisation statistics were fitted on anything but the training subjects."""
+    parts = {"train": set(groups[split.train]), "validation": set(groups[split.validation]),
+             "test": set(groups[split.test])}
+    for a, b in (("train", "validation"), ("train", "test"), ("validation", "test")):
+        shared = parts[a] & parts[b]
+        if shared:
+            raise LeakageError(f"fold {split.fold}: participant(s) {', '.join(sorted(shared)[:5])} in both {a} and {b}")
+    if normalisation_subjects is not None:
+        outside = set(normalisation_subjects) - parts["train"]
+        if outside:
+            raise LeakageError(f"fold {split.fold}: normalisation fitted on non-training participant(s) "
+                               f"{', '.join(sorted(outside)[:5])}")

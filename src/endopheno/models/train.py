@@ -1,0 +1,614 @@
+"""Cross-validated training of one model of `params.yaml` (`train.models.<name>`), tracked in MLflow and
+registered as ``endopheno.<name>``.
+
+For each outer fold (``splits.outer_folds``): normalisation is fitted on the training subjects, the
+split and the normalisation are checked for leakage, the network trains with early stopping on the
+validation subjects, and the test subjects are scored once, beside a baseline fitted on the same
+training subjects (a linear SVM on voxels for classification, a linear SVR for regression, the same
+autoencoder with its random initial weights for reconstruction). The final model is then trained on
+every subject (validation split kept for early stopping), logged with its signature and registered;
+the version with the best cross-validated metric holds the alias ``champion``.
+
+A run checkpoints every epoch under ``<checkpoints>/<name>/<key>/`` (``key`` = digest of the
+parameters and the volume store); rerunning the same command resumes it, in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, roc_auc_score
+
+from endopheno.errors import InputError
+from endopheno.models.architectures import build
+from endopheno.models.data import (TaskData, VolumeDataset, augmentation, brain_mask, fit_normalisation, pool_factor,
+                                   task_data)
+from endopheno.models.splits import Split, check_split, outer_folds
+from endopheno.models.volume_model import VolumeModel, model_grid_affine
+from endopheno.params import from_section
+
+log = logging.getLogger(__name__)
+REGISTRY_PREFIX = "endopheno."
+# The cross-validated metric that decides the champion, per task, and whether higher is better.
+SELECTION = {"classification": ("balanced_accuracy", True), "regression": ("mae", False),
+             "reconstruction": ("masked_mse", False)}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of ``train.models``: what to train and how."""
+
+    name: str
+    architecture: str
+    task: str = "classification"
+    target: str = "diagnosis"           # participants.tsv column (classification, regression)
+    inputs: tuple[str, ...] = ("T1w",)  # input maps, one channel each: a store modality or `gm`
+    options: dict = field(default_factory=dict)   # architecture options (models/architectures.py)
+    epochs: int = 30
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 8                   # epochs without a better validation loss before stopping
+    augment: dict | None = None         # data.augmentation knobs
+    top_k: int = 5                      # patch27: patches combined in the final network
+    patch_epochs: int = 10              # patch27: epochs of the 27 single-patch networks
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """The ``train`` section of params.yaml (``models`` holds the ModelSpec entries)."""
+
+    store: str = "stores/volumes.zarr"
+    participants: str = "data/phantom/bids/participants.tsv"
+    checkpoints: str = "stores/models"
+    tracking_uri: str | None = None
+    device: str = "auto"                # auto = CUDA when present
+    amp: str = "auto"                   # mixed precision: auto = on CUDA only (bfloat16 on CPUs is slower here)
+    deterministic: bool = True
+    seed: int = 1
+    folds: int = 5
+    validation_fraction: float = 0.2
+    resolution_mm: float | None = 4.0   # the models' grid; null = the store's
+    loader_workers: int = 1             # DataLoader worker processes (prefetching reads and augmentation)
+    threads: int | None = None          # torch threads (null: one per core)
+    classes: tuple[str, str] = ("CN", "AD")   # classification: negative, positive
+    svm_c: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)   # baseline SVM: C chosen on the validation split
+    final_model: bool = True            # train and register a model on all subjects after the folds
+    models: dict = field(default_factory=dict)
+    pipeline: tuple[str, ...] = ()      # the models `dvc repro` trains (one stage each)
+
+
+def load_train_params(section: dict) -> TrainParams:
+    p = from_section(TrainParams, section, "train")
+    return TrainParams(**{**asdict(p), "classes": tuple(p.classes), "svm_c": tuple(p.svm_c), "pipeline": tuple(p.pipeline)})
+
+
+def model_spec(p: TrainParams, name: str) -> ModelSpec:
+    if name not in p.models:
+        raise InputError(name, f"no such model in params.yaml train.models (known: {', '.join(p.models) or 'none'})")
+    spec = from_section(ModelSpec, {"name": name, **p.models[name]}, f"train.models.{name}")
+    if spec.task not in SELECTION:
+        raise InputError(f"train.models.{name}", f"task {spec.task!r} is not one of {', '.join(SELECTION)}")
+    return ModelSpec(**{**asdict(spec), "inputs": tuple(spec.inputs)})
+
+
+def device_of(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device cuda", "no CUDA device is available (use device: auto or cpu)")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def task_loss(task: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if task == "classification":
+        # [B, classes] or, for the 27 single-patch networks trained side by side, [B, patches, classes]
+        return F.cross_entropy(out.transpose(1, -1) if out.dim() == 3 else out, y.long()[:, None].expand(-1, out.shape[1])
+                               if out.dim() == 3 else y.long())
+    if task == "regression":
+        return F.mse_loss(out[:, 0].float(), y)
+    # reconstruction: mean squared error over brain voxels only (the background is all zeros)
+    m = mask.to(out.dtype)
+    return (((out - x) ** 2) * m).sum() / (m.sum() * x.shape[0] * x.shape[1])
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_loss: float
+    epochs: int
+    samples: int
+    seconds: float
+    history: list = field(default_factory=list)
+
+    @property
+    def volumes_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds else float("nan")
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def fit(net: torch.nn.Module, train: torch.utils.data.DataLoader, validation: torch.utils.data.DataLoader, *,
+        task: str, spec: ModelSpec, epochs: int, device: torch.device, amp: bool, mask: torch.Tensor,
+        checkpoint: Path | None = None, label: str = "", on_epoch=None) -> FitResult:
+    """Adam with early stopping on the validation loss; `net` ends holding its best epoch's weights.
+    With `checkpoint`, the state is saved after every epoch and a rerun resumes from it."""
+    net.to(device)
+    mask = mask.to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    state = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "best": copy.deepcopy(net.state_dict()),
+             "bad": 0, "history": [], "samples": 0, "seconds": 0.0}
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        net.load_state_dict(state["net"]), opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["rng"])
+        log.info("%s: resumed after epoch %d", label, state["epoch"])
+    autocast = dict(device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=amp)
+    columns = [TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("epoch {task.completed}/{task.total}"),
+               TextColumn("loss {task.fields[loss]:.4f} val {task.fields[val]:.4f} {task.fields[rate]:.1f} vol/s"),
+               TimeElapsedColumn()]
+    with Progress(*columns, transient=True, disable=not log.isEnabledFor(logging.INFO)) as bar:
+        job = bar.add_task(label, total=epochs, completed=state["epoch"], loss=math.nan, val=math.nan, rate=math.nan)
+        while state["epoch"] < epochs and state["bad"] < spec.patience:
+            net.train()
+            t0, total, n = time.perf_counter(), 0.0, 0
+            for x, y in train:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast(**autocast):
+                    loss = task_loss(task, net(x), x, y, mask)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                total, n = total + float(loss.detach()) * len(x), n + len(x)
+            seconds = time.perf_counter() - t0
+            val = evaluate_loss(net, validation, task=task, device=device, amp=amp, mask=mask)
+            state["epoch"] += 1
+            state["samples"] += n
+            state["seconds"] += seconds
+            record = {"epoch": state["epoch"], "train_loss": total / max(n, 1), "val_loss": val, "volumes_per_s": n / seconds}
+            state["history"].append(record)
+            if val < state["best_loss"] - 1e-6:
+                state.update(best_loss=val, best_epoch=state["epoch"], best=copy.deepcopy(net.state_dict()), bad=0)
+            else:
+                state["bad"] += 1
+            if checkpoint is not None:
+                _save_atomic({**state, "net": net.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()}, checkpoint)
+            if on_epoch:
+                on_epoch(record)
+            bar.update(job, completed=state["epoch"], loss=record["train_loss"], val=val, rate=record["volumes_per_s"])
+    net.load_state_dict(state["best"])
+    return FitResult(state["best_epoch"], state["best_loss"], state["epoch"], state["samples"], state["seconds"], state["history"])
+
+
+@torch.no_grad()
+def evaluate_loss(net, loader, *, task, device, amp, mask) -> float:
+    net.eval()
+    total, n = 0.0, 0
+    autocast = dict(device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=amp)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(**autocast):
+            total += float(task_loss(task, net(x), x, y, mask.to(device))) * len(x)
+        n += len(x)
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def outputs(net, loader, *, task: str, device: torch.device, mask: torch.Tensor) -> np.ndarray:
+    """Per subject: P(positive class) (per patch for [B, patches, 2] outputs), the standardised prediction,
+    or (masked MSE, correlation of input and reconstruction inside the mask)."""
+    net.eval().to(device)
+    mask = mask.to(device)
+    rows = []
+    for x, _ in loader:
+        x = x.to(device)
+        out = net(x).float()
+        if task == "classification":
+            rows.append(torch.softmax(out, dim=-1)[..., -1].cpu().numpy())
+        elif task == "regression":
+            rows.append(out[:, 0].cpu().numpy())
+        else:
+            a, b = x[:, :, mask], out[:, :, mask]
+            mse = ((a - b) ** 2).mean(dim=(1, 2))
+            a, b = a.flatten(1) - a.flatten(1).mean(1, keepdim=True), b.flatten(1) - b.flatten(1).mean(1, keepdim=True)
+            r = (a * b).sum(1) / torch.sqrt((a * a).sum(1) * (b * b).sum(1))
+            rows.append(torch.stack([mse, r], 1).cpu().numpy())
+    return np.concatenate(rows)
+
+
+def scores(task: str, predicted: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """Test metrics: balanced accuracy and ROC AUC; MAE and r (target units); masked MSE and r."""
+    if task == "classification":
+        return {"balanced_accuracy": float(balanced_accuracy_score(target, predicted >= 0.5)),
+                "auc": float(roc_auc_score(target, predicted)) if len(set(target)) == 2 else math.nan}
+    if task == "regression":
+        return {"mae": float(mean_absolute_error(target, predicted)), "r": float(np.corrcoef(target, predicted)[0, 1])}
+    return {"masked_mse": float(predicted[:, 0].mean()), "correlation": float(predicted[:, 1].mean())}
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+
+
+def linear_baseline(task: str, voxels: np.ndarray, target: np.ndarray, split: Split, c_grid) -> dict[str, float]:
+    """A linear SVM (classification) or SVR (regression) on brain voxels, standardised with the training
+    subjects' voxel means and SDs, C chosen on the validation subjects, refitted on training +
+    validation, scored on the test subjects (the classic baseline of CNN studies of AD, e.g. Wen et al.
+    2020). Assumes the classes (or the target) are linearly related to voxel intensities."""
+    from sklearn.svm import LinearSVC, LinearSVR
+
+    mean, sd = voxels[split.train].mean(0), voxels[split.train].std(0) + 1e-6
+    z = (voxels - mean) / sd
+    make = (lambda c: LinearSVC(C=c, max_iter=20000)) if task == "classification" else (lambda c: LinearSVR(C=c, max_iter=20000))
+
+    def score(model, rows):
+        s = model.decision_function(z[rows]) if task == "classification" else model.predict(z[rows])
+        if task == "classification":
+            return scores(task, 1 / (1 + np.exp(-s)), target[rows])["balanced_accuracy"]
+        return -mean_absolute_error(target[rows], s)
+
+    best = max(c_grid, key=lambda c: score(make(c).fit(z[split.train], target[split.train]), split.validation))
+    fit_rows = np.concatenate([split.train, split.validation])
+    model = make(best).fit(z[fit_rows], target[fit_rows])
+    if task == "classification":
+        return scores(task, 1 / (1 + np.exp(-model.decision_function(z[split.test]))), target[split.test])
+    return scores(task, model.predict(z[split.test]), target[split.test])
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+@dataclass
+class TrainReport:
+    name: str
+    task: str
+    folds: list[dict]
+    baseline: list[dict]
+    summary: dict
+    run_id: str
+    version: str | None = None
+    champion: bool = False
+    excluded: list = field(default_factory=list)
+
+    def line(self) -> str:
+        metric, _ = SELECTION[self.task]
+        base = "untrained" if self.task == "reconstruction" else "linear SVM" if self.task == "classification" else "linear SVR"
+        text = (f"{REGISTRY_PREFIX}{self.name}: {metric} {self.summary[f'{metric}_mean']:.3f} ± {self.summary[f'{metric}_sd']:.3f} "
+                f"over {len(self.folds)} folds ({base} baseline {self.summary[f'baseline_{metric}_mean']:.3f})")
+        if self.version:
+            text += f"; registered version {self.version}" + (" (champion)" if self.champion else "")
+        return text + f"; MLflow run {self.run_id}"
+
+
+class Trainer:
+    """Everything one model's run shares across folds: data, grid, device, loaders, logging."""
+
+    def __init__(self, p: TrainParams, spec: ModelSpec):
+        from endopheno.volumes.preprocess import open_mni, volume_store_digest
+
+        self.p, self.spec = p, spec
+        self.device = device_of(p.device)
+        self.amp = (p.amp == "auto" and self.device.type == "cuda") or p.amp is True or p.amp == "on"
+        if p.threads:
+            torch.set_num_threads(p.threads)
+        if p.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        ds = open_mni(p.store)
+        self.digest = volume_store_digest(ds)
+        self.data: TaskData = task_data(ds, p.participants, spec.task, target=spec.target, classes=p.classes)
+        store_mm = float(abs(np.asarray(ds.attrs["affine"])[0, 0]))
+        self.factor = pool_factor(store_mm, p.resolution_mm)
+        self.affine = model_grid_affine(np.asarray(ds.attrs["affine"]), self.factor)
+        self.mask = brain_mask(ds, self.factor)
+        reader = VolumeDataset(p.store, self.data.rows, self.data.target, inputs=spec.inputs, factor=self.factor, mask=self.mask)
+        # Every subject's pooled maps, once: normalisation statistics and the voxel baselines read them
+        # from memory (training itself streams from Zarr through the DataLoader).
+        self.volumes = torch.stack([reader.volume(i) for i in range(len(reader))])
+        self.shape = tuple(self.volumes.shape[2:])
+        key = {"spec": asdict(spec), "params": {k: v for k, v in asdict(self.p).items() if k not in ("models", "pipeline")},
+               "digest": self.digest}
+        self.key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        self.checkpoints = Path(p.checkpoints) / spec.name / self.key
+
+    # data -------------------------------------------------------------------------------------------
+
+    def target_scale(self, rows: np.ndarray) -> tuple[float, float]:
+        if self.spec.task != "regression":
+            return 0.0, 1.0
+        t = self.data.target[rows]
+        return float(t.mean()), float(t.std() + 1e-9)
+
+    def normalisation(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        reader = VolumeDataset(self.p.store, self.data.rows[rows], self.data.target[rows], mask=self.mask)
+        reader.volume = lambda i: self.volumes[rows[i]]   # the cached maps, not a second read
+        return fit_normalisation(reader)
+
+    def loader(self, rows: np.ndarray, norm, scale, *, shuffle: bool, seed: int) -> torch.utils.data.DataLoader:
+        target = (self.data.target[rows] - scale[0]) / scale[1]
+        augment = augmentation(self.spec.augment, seed) if shuffle else None
+        dataset = VolumeDataset(self.p.store, self.data.rows[rows], target, inputs=self.spec.inputs, factor=self.factor,
+                                mask=self.mask, normalise=norm, augment=augment)
+        workers = self.p.loader_workers
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=self.spec.batch_size, shuffle=shuffle, num_workers=workers,
+            persistent_workers=workers > 0, prefetch_factor=2 if workers else None, worker_init_fn=_seed_worker,
+            generator=torch.Generator().manual_seed(seed), pin_memory=self.device.type == "cuda")
+
+    def net(self, seed: int, **overrides) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        n_outputs = {"classification": 2, "regression": 1, "reconstruction": None}[self.spec.task]
+        return build(self.spec.architecture, self.shape, len(self.spec.inputs), n_outputs, **{**self.spec.options, **overrides})
+
+    # one fold -----------------------------------------------------------------------------------------
+
+    def train_split(self, split: Split, seed: int, on_epoch, checkpoint: Path | None, label: str):
+        """Train on `split` (train + validation). Returns (net, normalisation, target scale, FitResult, info)."""
+        norm = self.normalisation(split.train)
+        check_split(split, self.data.groups, self.data.groups[split.train])
+        scale = self.target_scale(split.train)
+        train = self.loader(split.train, norm, scale, shuffle=True, seed=seed)
+        validation = self.loader(split.validation, norm, scale, shuffle=False, seed=seed)
+        info = {}
+        if self.spec.architecture == "patch27":
+            net, info = self.select_patches(train, validation, split, seed, on_epoch, checkpoint, label)
+        else:
+            net = self.net(seed)
+        result = fit(net, train, validation, task=self.spec.task, spec=self.spec, epochs=self.spec.epochs, device=self.device,
+                     amp=self.amp, mask=self.mask, checkpoint=checkpoint, label=label, on_epoch=on_epoch)
+        return net, norm, scale, result, info
+
+    def select_patches(self, train, validation, split: Split, seed: int, on_epoch, checkpoint, label):
+        """patch27: the 27 single-patch networks train side by side (one pass over the data per epoch),
+        are ranked by ROC AUC on the validation subjects, and the top k become the branches of the final
+        network. The test subjects are never seen here."""
+        from endopheno.models.architectures import PatchNet
+
+        singles = torch.nn.ModuleList(self.net(seed + i, patches=(i,)) for i in range(27))
+        side_by_side = _SideBySide(singles)
+        fit(side_by_side, train, validation, task=self.spec.task, spec=self.spec, epochs=self.spec.patch_epochs,
+            device=self.device, amp=self.amp, mask=self.mask,
+            checkpoint=checkpoint.with_name(checkpoint.stem + "_patches.pt") if checkpoint else None,
+            label=f"{label} patches")
+        probability = outputs(side_by_side, validation, task="classification", device=self.device, mask=self.mask)
+        target = self.data.target[split.validation]
+        auc = [roc_auc_score(target, probability[:, i]) if len(set(target)) == 2 else 0.5 for i in range(27)]
+        top = [int(i) for i in np.argsort(auc)[::-1][: self.spec.top_k]]
+        log.info("%s: patches %s chosen on validation AUC %s", label, top, [round(auc[i], 3) for i in top])
+        net = PatchNet.from_branches([singles[i].cpu() for i in top], 2)
+        return net, {"patches": top, "patch_validation_auc": [float(auc[i]) for i in top]}
+
+    # the whole run ------------------------------------------------------------------------------------
+
+    def run(self) -> TrainReport:
+        import mlflow
+
+        from endopheno.tracking import mlflow_run
+
+        p, spec, data = self.p, self.spec, self.data
+        splits = outer_folds(data.groups, data.strata, folds=p.folds, validation_fraction=p.validation_fraction, seed=p.seed)
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        run_file = self.checkpoints / "mlflow_run_id"
+        tags = {"endopheno.kind": "train", "model": spec.name, "architecture": spec.architecture, "task": spec.task,
+                "volume_store_digest": self.digest, "checkpoint_key": self.key}
+        with mlflow_run("endopheno.train", f"train {spec.name}", uri=p.tracking_uri, tags=tags,
+                        run_id=run_file.read_text().strip() if run_file.exists() else None) as run:
+            run_file.write_text(run.info.run_id)
+            self.log_inputs(splits)
+            folds, baseline = [], []
+            for split in splits:
+                metrics, base = self.fold(split)
+                folds.append(metrics), baseline.append(base)
+                mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=split.fold)
+                mlflow.log_metrics({f"baseline_{k}": v for k, v in base.items()}, step=split.fold)
+            summary = summarise(folds, baseline)
+            summary["loader_volumes_per_s"] = self.loader_throughput(splits[0])
+            mlflow.log_metrics(summary)
+            mlflow.log_dict({"folds": folds, "baseline": baseline, "excluded": data.excluded}, "cv_results.json")
+            report = TrainReport(spec.name, spec.task, folds, baseline, summary, run.info.run_id, excluded=data.excluded)
+            if p.final_model:
+                self.final(report)
+        return report
+
+    def fold(self, split: Split) -> tuple[dict, dict]:
+        import mlflow
+
+        done = self.checkpoints / f"fold{split.fold}.json"
+        if done.exists():
+            log.info("%s fold %d: done in an earlier run, skipped", self.spec.name, split.fold)
+            saved = json.loads(done.read_text())
+            return saved["metrics"], saved["baseline"]
+        seed = self.p.seed * 1000 + split.fold
+
+        def on_epoch(record):
+            mlflow.log_metrics({f"fold{split.fold}_{k}": v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+
+        net, norm, scale, result, info = self.train_split(split, seed, on_epoch, self.checkpoints / f"fold{split.fold}.pt",
+                                                            f"{self.spec.name} fold {split.fold}")
+        test = self.loader(split.test, norm, scale, shuffle=False, seed=seed)
+        predicted = outputs(net, test, task=self.spec.task, device=self.device, mask=self.mask)
+        truth = self.data.target[split.test]
+        if self.spec.task == "regression":
+            predicted = predicted * scale[1] + scale[0]
+        metrics = {**scores(self.spec.task, predicted, truth), "best_epoch": float(result.best_epoch),
+                   "train_volumes_per_s": result.volumes_per_s, **info, "test_subjects": self.data.subjects[split.test].tolist()}
+        if self.spec.task == "reconstruction":
+            untrained = self.net(seed)
+            base = scores(self.spec.task, outputs(untrained, test, task="reconstruction", device=self.device, mask=self.mask), truth)
+        else:
+            voxels = self.volumes[:, 0][:, self.mask].numpy()
+            base = linear_baseline(self.spec.task, voxels, self.data.target, split, self.p.svm_c)
+        log.info("%s fold %d: %s (baseline %s)", self.spec.name, split.fold,
+                 ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)),
+                 ", ".join(f"{k} {v:.3f}" for k, v in base.items()))
+        done.write_text(json.dumps({"metrics": metrics, "baseline": base}))
+        return metrics, base
+
+    def loader_throughput(self, split: Split) -> float:
+        """Volumes/s of the training DataLoader alone (reads, pooling, normalisation, augmentation), to
+        compare with the training throughput: the loader is not the bottleneck when it is higher."""
+        norm = self.normalisation(split.train)
+        loader = self.loader(split.train, norm, self.target_scale(split.train), shuffle=True, seed=0)
+        t0, n = time.perf_counter(), 0
+        for x, _ in loader:
+            n += len(x)
+        return n / (time.perf_counter() - t0)
+
+    def final(self, report: TrainReport) -> None:
+        """Train on every subject, log the model with its signature, register it and decide the alias."""
+        import mlflow
+
+        split = outer_folds(self.data.groups, self.data.strata, folds=1, validation_fraction=self.p.validation_fraction,
+                            seed=self.p.seed)[0]
+        seed = self.p.seed * 1000 + 999
+
+        def on_epoch(record):
+            mlflow.log_metrics({f"final_{k}": v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+
+        net, norm, scale, result, info = self.train_split(split, seed, on_epoch, self.checkpoints / "final.pt",
+                                                            f"{self.spec.name} final")
+        mlflow.log_params({"final_best_epoch": result.best_epoch, **{f"final_{k}": v for k, v in info.items()}})
+        model = self.volume_model(net, norm, scale)
+        report.version = register(model, f"{REGISTRY_PREFIX}{self.spec.name}", report, self.spec, self.p)
+        metric, higher = SELECTION[self.spec.task]
+        report.champion = set_champion(f"{REGISTRY_PREFIX}{self.spec.name}", report.version, metric, higher)
+        if self.spec.task == "reconstruction":
+            # The untrained baseline, registered beside it: its features must be beaten to be worth anything.
+            untrained = self.volume_model(self.net(seed), norm, scale)
+            version = register(untrained, f"{REGISTRY_PREFIX}{self.spec.name}_untrained", report, self.spec, self.p,
+                               untrained=True)
+            set_champion(f"{REGISTRY_PREFIX}{self.spec.name}_untrained", version, None, True)
+
+    def volume_model(self, net, norm, scale) -> VolumeModel:
+        return VolumeModel(net.cpu().eval(), architecture=self.spec.architecture, task=self.spec.task,
+                           inputs=self.spec.inputs, factor=self.factor, affine=self.affine, mean=norm[0], sd=norm[1],
+                           mask=self.mask, target_mean=scale[0], target_sd=scale[1],
+                           classes=self.p.classes if self.spec.task == "classification" else ())
+
+    def log_inputs(self, splits: list[Split]) -> None:
+        """Params, and the dataset read: the subjects with their target and test fold, whose digest is the
+        volume store's content digest."""
+        import mlflow
+        import pandas as pd
+
+        fold = np.full(len(self.data), -1)
+        for s in splits:
+            fold[s.test] = s.fold
+        table = pd.DataFrame({"subject": self.data.subjects, "target": self.data.target, "test_fold": fold})
+        dataset = mlflow.data.from_pandas(table, source=str(Path(self.p.store).resolve()), name=f"{self.p.store} mni",
+                                          digest=self.digest)
+        mlflow.log_input(dataset, context="training")
+        flat = {**{k: v for k, v in asdict(self.spec).items() if k not in ("options", "augment")},
+                **{f"option_{k}": v for k, v in self.spec.options.items()},
+                **{f"augment_{k}": v for k, v in (self.spec.augment or {}).items()},
+                **{k: v for k, v in asdict(self.p).items() if k not in ("models", "pipeline", "tracking_uri")},
+                "subjects": len(self.data), "excluded": len(self.data.excluded), "grid": "x".join(map(str, self.shape)),
+                "device_used": str(self.device), "amp_used": self.amp}
+        mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+
+
+class _SideBySide(torch.nn.Module):
+    """The 27 single-patch networks as one module: outputs [B, 27, classes]. Their parameters are
+    disjoint, so the summed loss trains each exactly as it would train alone."""
+
+    def __init__(self, nets: torch.nn.ModuleList):
+        super().__init__()
+        self.nets = nets
+
+    def forward(self, x):
+        return torch.stack([n(x) for n in self.nets], dim=1)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Give each DataLoader worker its own augmentation stream (a copied seed would repeat the same
+    random transforms in every worker)."""
+    info = torch.utils.data.get_worker_info()
+    augment = info.dataset.augment
+    if augment is not None:
+        augment.set_random_state(seed=info.seed % 2**32)
+
+
+def summarise(folds: list[dict], baseline: list[dict]) -> dict[str, float]:
+    """Mean and SD over folds of every numeric test metric and baseline metric."""
+    out = {}
+    for prefix, rows in (("", folds), ("baseline_", baseline)):
+        for k in rows[0]:
+            values = [r[k] for r in rows if isinstance(r.get(k), float)]
+            if values and k not in ("best_epoch",):
+                out[f"{prefix}{k}_mean"] = float(np.mean(values))
+                out[f"{prefix}{k}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+
+def register(model: VolumeModel, name: str, report: TrainReport, spec: ModelSpec, p: TrainParams,
+             untrained: bool = False) -> str:
+    """Log `model` in the active run with its signature and register it as a new version of `name`."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    example = torch.zeros(1, len(spec.inputs), *model.mask.shape)
+    with torch.no_grad():
+        signature = infer_signature(example.numpy(), model(example).numpy())
+    # Pickled, not MLflow's default traced 'pt2' graph: extraction and attribution need the whole module
+    # (embed, predict, the affine and the input maps), not just forward().
+    info = mlflow.pytorch.log_model(model, name=name.removeprefix(REGISTRY_PREFIX), signature=signature,
+                                    registered_model_name=name, serialization_format="pickle",
+                                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    version = str(info.registered_model_version)
+    metric, _ = SELECTION[spec.task]
+    tags = {"task": spec.task, "architecture": spec.architecture, "folds": str(p.folds), "metric": metric,
+            "cv_value": "" if untrained else f"{report.summary[f'{metric}_mean']:.6f}", "untrained": str(untrained).lower(),
+            "inputs": ",".join(spec.inputs), "resolution_mm": str(p.resolution_mm), "training_run": report.run_id}
+    client = mlflow.MlflowClient()
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+    return version
+
+
+def set_champion(name: str, version: str, metric: str | None, higher: bool) -> bool:
+    """Give `version` the alias ``champion`` when its cross-validated metric beats the current champion's
+    (or there is none; `metric` None: always). Returns whether it did."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        current = client.get_model_version_by_alias(name, "champion")
+    except mlflow.exceptions.MlflowException:
+        current = None
+    if current is not None and metric is not None and current.tags.get("cv_value"):
+        new = float(client.get_model_version(name, version).tags["cv_value"])
+        old = float(current.tags["cv_value"])
+        if (new <= old) if higher else (new >= old):
+            log.info("%s version %s (%s %.4f) does not beat champion version %s (%.4f)", name, version, metric, new,
+                     current.version, old)
+            return False
+    client.set_registered_model_alias(name, "champion", version)
+    return True
+
+
+def train(p: TrainParams, name: str) -> TrainReport:
+    """Train model `name` of ``p.models``: cross-validation, baselines, the final model, the registry."""
+    return Trainer(p, model_spec(p, name)).run()

@@ -1,0 +1,278 @@
+"""The model architectures: shapes, gradients, config round-trip, patch grid, LRP-friendliness."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from endopheno.errors import InputError
+from endopheno.models.architectures import ARCHITECTURES, InceptionModule3d, PatchNet, build, patch_grid
+
+SHAPE = (19, 23, 21)  # odd and all different, so a transposed axis or a dropped row shows
+NAMES = ["cnn3d", "patch27", "slice2d", "inception3d", "inception_resnet3d", "autoencoder3d"]
+# Small variants that switch on every optional path (attention, position embedding, dropout, another axis).
+VARIANTS = [(name, {}) for name in NAMES] + [
+    ("slice2d", {"pooling": "attention", "position_encoding": True, "axis": 0, "dropout": 0.3}),
+    ("patch27", {"patches": (13, 0, 26)}),
+    ("inception3d", {"residual": True, "modules": 1, "width": 4}),
+    ("cnn3d", {"widths": (4, 6), "kernels": (4, 3), "dropout": 0.5}),  # an even kernel
+]
+ALLOWED = (nn.Conv3d, nn.Conv2d, nn.BatchNorm3d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool3d, nn.MaxPool2d,
+           nn.AdaptiveAvgPool3d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear, nn.Dropout, nn.ConvTranspose3d)
+
+
+def ident(value):
+    return f"{value[0]}-{'-'.join(f'{k}={v}' for k, v in value[1].items())}" if isinstance(value, tuple) else None
+
+
+def volume(channels: int, shape=SHAPE, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, channels, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def leaves(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if not list(m.children())]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("name", NAMES)
+def test_shapes(name, channels):
+    model = build(name, SHAPE, in_channels=channels, n_outputs=3)
+    x = volume(channels)
+    out, emb = model(x), model.embed(x)
+    assert emb.shape == (2, model.embedding_dim)
+    if name == "autoencoder3d":
+        assert out.shape == x.shape
+        assert model.encode(x).shape == (2, 128) and model.decode(emb).shape == x.shape
+    else:
+        assert out.shape == (2, 3)
+    assert model.name == name and ARCHITECTURES[name] is type(model)
+    assert any(model.target_layer is m for m in model.modules())
+
+
+def test_embedding_sizes():
+    assert build("cnn3d", SHAPE, hidden=10).embedding_dim == 10
+    assert build("patch27", SHAPE, hidden=5, patches=(1, 2)).embedding_dim == 10
+    assert build("slice2d", SHAPE, hidden=7).embedding_dim == 7
+    assert build("inception3d", SHAPE, in_channels=2, hidden=9, width=4).embedding_dim == 9
+    assert len(build("inception3d", SHAPE, in_channels=2).branches) == 2  # one branch per input map
+    assert build("autoencoder3d", SHAPE, latent=6).embedding_dim == 6
+
+
+@pytest.mark.parametrize("shape", [(19, 23, 21), (16, 20, 18), (9, 5, 7), (1, 3, 2)])
+def test_autoencoder_reconstruction_has_input_shape(shape):
+    model = build("autoencoder3d", shape, in_channels=2, latent=8, widths=(4, 8))
+    x = volume(2, shape)
+    assert model(x).shape == x.shape
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=ident)
+def test_gradient_reaches_first_layer(variant):
+    name, options = variant
+    model = build(name, SHAPE, in_channels=2, **options)
+    out = model(volume(2))
+    (out ** 2).mean().backward()
+    first = next(m for m in model.modules() if isinstance(m, (nn.Conv3d, nn.Conv2d)))
+    assert first.weight.grad is not None and first.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=ident)
+def test_config_round_trip(variant):
+    name, options = variant
+    model = build(name, SHAPE, in_channels=2, n_outputs=3, **options)
+    x = volume(2)
+    model.train()
+    model(x)  # move the BatchNorm running statistics away from their initial values
+    model.eval()
+    config = json.loads(json.dumps(model.config))  # plain and JSON-able (as MLflow stores it): lists for tuples
+    again = build(name, **config)
+    assert again.config == model.config
+    again.load_state_dict(model.state_dict())
+    again.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+        assert torch.equal(model.embed(x), again.embed(x))
+    fresh = build(name, **config).eval()
+    with torch.no_grad():
+        assert not torch.equal(model(x), fresh(x))  # the round trip is not trivially true
+
+
+def test_inception_resnet_is_residual():
+    plain, resnet = build("inception3d", SHAPE), build("inception_resnet3d", SHAPE)
+    assert "residual" not in resnet.config and plain.config["residual"] is False
+    assert all(m.projection is not None for m in resnet.modules() if isinstance(m, InceptionModule3d))
+    assert all(m.projection is None for m in plain.modules() if isinstance(m, InceptionModule3d))
+
+
+@pytest.mark.parametrize("shape", [(19, 23, 21), (3, 4, 5), (27, 28, 30)])
+def test_patch_grid_partitions_the_volume(shape):
+    boxes = patch_grid(shape)
+    assert len(boxes) == 27
+    cover = np.zeros(shape, int)
+    for box in boxes:
+        cover[box] += 1
+    assert (cover == 1).all()
+    for axis in range(3):
+        sizes = {box[axis].stop - box[axis].start for box in boxes}
+        assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    assert boxes[13] == tuple(patch_grid(shape)[13])  # deterministic; 13 is the centre
+    assert all(boxes[13][a].start > 0 and boxes[13][a].stop < shape[a] for a in range(3))
+
+
+def test_patch_grid_rejects_too_fine_a_grid():
+    with pytest.raises(InputError):
+        patch_grid((2, 5, 5))
+
+
+def test_patch_branch_sees_its_patch():
+    """A branch's features change when its own patch changes and not when another patch does."""
+    model = build("patch27", SHAPE, patches=(4,)).eval()
+    x = volume(1)
+    inside, outside = x.clone(), x.clone()
+    box = patch_grid(SHAPE)[4]
+    inside[(slice(None), slice(None), *box)] += 1.0
+    outside[(slice(None), slice(None), *patch_grid(SHAPE)[5])] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(model.embed(x), model.embed(inside))
+        assert torch.equal(model.embed(x), model.embed(outside))
+    assert model.branch_index == (4,) and model.boxes == [box]
+
+
+def test_from_branches_copies_the_single_patch_models():
+    x = volume(2, batch=3)
+    singles = []
+    for i in (13, 0, 7):
+        m = build("patch27", SHAPE, in_channels=2, patches=(i,), hidden=6, widths=(4, 8), kernels=(3, 3))
+        m.train()
+        m(x)  # BatchNorm statistics that differ from a fresh model's
+        singles.append(m.eval())
+    combined = PatchNet.from_branches(singles, n_outputs=4).eval()
+    assert combined.branch_index == (13, 0, 7) and combined.config["patches"] == (13, 0, 7)
+    assert combined(x).shape == (3, 4)
+    with torch.no_grad():
+        expected = torch.cat([m.embed(x) for m in singles], dim=1)
+        assert torch.equal(combined.embed(x), expected)
+    # copies, not shared tensors: training the combined model leaves the single models alone
+    with torch.no_grad():
+        next(combined.branches[0].parameters()).add_(1.0)
+    assert not torch.equal(next(combined.branches[0].parameters()), next(singles[0].branches[0].parameters()))
+
+
+def test_from_branches_rejects_mismatched_models():
+    a = build("patch27", SHAPE, patches=(1,), hidden=6)
+    with pytest.raises(InputError, match="hidden"):
+        PatchNet.from_branches([a, build("patch27", SHAPE, patches=(2,), hidden=7)])
+    with pytest.raises(InputError, match="distinct"):
+        PatchNet.from_branches([a, build("patch27", SHAPE, patches=(1,), hidden=6)])
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=ident)
+def test_every_module_runs_exactly_once(variant):
+    """captum's LRP and guided backprop hook modules: a module used twice (or never) would break them."""
+    name, options = variant
+    model = build(name, SHAPE, in_channels=2, **options)
+    calls = {id(m): 0 for m in leaves(model)}
+    hooks = [m.register_forward_hook(lambda mod, i, o: calls.__setitem__(id(mod), calls[id(mod)] + 1))
+             for m in leaves(model)]
+    model(volume(2))
+    for h in hooks:
+        h.remove()
+    assert set(calls.values()) == {1}, {type(m).__name__: calls[id(m)] for m in leaves(model)}
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=ident)
+def test_layers_are_lrp_friendly(variant):
+    name, options = variant
+    model = build(name, SHAPE, in_channels=2, **options)
+    gate = (nn.Tanh, nn.Sigmoid) if options.get("pooling") == "attention" else ()
+    for m in leaves(model):
+        assert isinstance(m, ALLOWED + gate), type(m)
+        if isinstance(m, nn.ReLU):
+            assert not m.inplace
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    assert len({id(m) for m in relus}) == len(relus) > 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=ident)
+def test_target_layer_is_the_last_convolution_of_embed(variant):
+    name, options = variant
+    model = build(name, SHAPE, in_channels=2, **options)
+    kind = InceptionModule3d if name.startswith("inception") else (nn.Conv3d, nn.Conv2d)
+    order = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(mod)) for m in model.modules()
+             if isinstance(m, kind)]
+    model.embed(volume(2))
+    for h in hooks:
+        h.remove()
+    assert order[-1] is model.target_layer
+    if hasattr(model, "target_layers"):
+        assert len(model.target_layers) == len(model.branches)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+@pytest.mark.parametrize("pooling", ["attention", "mean"])
+def test_slice_attention_weights_sum_to_one(axis, pooling):
+    model = build("slice2d", SHAPE, in_channels=2, axis=axis, pooling=pooling, widths=(4, 8), hidden=8)
+    model(volume(2, batch=3))
+    a = model.last_attention
+    assert a.shape == (3, SHAPE[axis])
+    assert torch.allclose(a.sum(dim=1), torch.ones(3)) and (a >= 0).all()
+    if pooling == "attention":
+        assert a.std() > 0  # not uniform by construction
+
+
+def test_slice_axis_orders_slices():
+    """Slices are taken along the requested axis: changing one slice changes only that slice's embedding."""
+    model = build("slice2d", SHAPE, axis=1, widths=(4,), hidden=8).eval()
+    x = volume(1)
+    y = x.clone()
+    y[:, :, :, 5, :] += 1.0
+    with torch.no_grad():
+        diff = (model.slice_embeddings(x) - model.slice_embeddings(y)).abs().sum(dim=(0, 2))
+    assert diff.shape == (SHAPE[1],) and diff[5] > 0 and diff.sum() == diff[5]
+
+
+def test_unknown_name_or_option_raises():
+    with pytest.raises(InputError, match="cnn3d") as err:
+        build("resnet", SHAPE)
+    assert err.value.what == "resnet" and all(n in str(err.value) for n in NAMES)
+    with pytest.raises(InputError, match="hidden") as err:
+        build("cnn3d", SHAPE, hiden=3)
+    assert "hiden" in str(err.value)
+    with pytest.raises(InputError):
+        build("inception_resnet3d", SHAPE, residual=False)  # fixed by the name
+    with pytest.raises(InputError):
+        build("slice2d", SHAPE, pooling="max")
+    with pytest.raises(InputError):
+        build("cnn3d", (19, 23))
+    with pytest.raises(InputError):
+        build("patch27", SHAPE, patches=(27,))
+
+
+def test_wrong_input_shape_raises():
+    model = build("cnn3d", SHAPE)
+    with pytest.raises(InputError, match="expects input"):
+        model(torch.zeros(2, 1, 19, 23, 20))
+
+
+def test_cnn3d_overfits_a_tiny_batch():
+    x = volume(1, shape=(12, 13, 11), batch=8, seed=1)
+    y = torch.tensor([0, 1] * 4)
+    model = build("cnn3d", (12, 13, 11), widths=(8, 8, 8), kernels=(3, 3, 3), hidden=16)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses

@@ -1,0 +1,246 @@
+"""Training, the leakage check, the MLflow registry and extraction, on a small synthetic volume store with
+a planted group difference (real Zarr, real MLflow sqlite store, real Delta tables, real DuckDB)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+import yaml
+
+from conftest import ROOT, cli
+
+SHAPE = (16, 18, 16)
+
+
+def write_store(path: Path, participants: Path, n: int = 48, seed: int = 0, sessions: int = 0) -> None:
+    """An MNI group like `endopheno preprocess` writes: AD subjects have a darker 'hippocampus' box, so a
+    model can learn the diagnosis; `sessions` participants are scanned twice."""
+    rng = np.random.default_rng(seed)
+    subjects = [f"s{i:03d}" for i in range(n)]
+    keys = subjects + [f"{s}_ses-2" for s in subjects[:sessions]]
+    ad = {s: i % 2 for i, s in enumerate(subjects)}
+    x = np.arange(SHAPE[0]) * 2.0 - 15
+    mask = np.zeros(SHAPE, bool)
+    mask[2:-2, 2:-2, 2:-2] = True
+    # a few smooth anatomical modes (a low-dimensional cohort, as an autoencoder assumes) plus scanner noise
+    from scipy.ndimage import gaussian_filter
+
+    modes = np.stack([gaussian_filter(rng.normal(size=SHAPE), 2.0) for _ in range(4)])
+    modes /= modes.std(axis=(1, 2, 3), keepdims=True)
+    t1 = (np.einsum("sk,kxyz->sxyz", rng.normal(size=(len(keys), 4)), modes)
+          + 0.3 * rng.normal(size=(len(keys), *SHAPE))).astype(np.float32)
+    for k, key in enumerate(keys):
+        t1[k, 4:9, 5:10, 4:9] -= 4.0 * ad[key.split("_ses-")[0]]
+    t1 *= mask
+    ds = xr.Dataset(
+        {"T1w": (("subject", "x", "y", "z"), t1), "brain_mask": (("x", "y", "z"), mask),
+         "qc_pass": ("subject", np.ones(len(keys), bool)), "source_sha256": ("subject", np.array([f"h{k}" for k in keys])),
+         "template_to_native": (("subject", "r", "c"), np.tile(np.eye(4), (len(keys), 1, 1)))},
+        coords={"subject": np.array(keys), "x": x, "y": np.arange(SHAPE[1]) * 2.0 - 17, "z": np.arange(SHAPE[2]) * 2.0 - 15},
+        attrs={"affine": [[2, 0, 0, -15], [0, 2, 0, -17], [0, 0, 2, -15], [0, 0, 0, 1]], "params_digest": f"p{seed}"})
+    ds.to_zarr(path, group="mni", mode="w")
+    pd.DataFrame({"participant_id": [f"sub-{s}" for s in subjects], "age": rng.uniform(60, 85, n).round(1),
+                  "sex": rng.choice(["F", "M"], n), "diagnosis": ["AD" if ad[s] else "CN" for s in subjects]}
+                 ).to_csv(participants, sep="\t", index=False)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A project folder with the synthetic store, params.yaml (tiny models, 2 folds) and features/."""
+    root = tmp_path_factory.mktemp("project")
+    write_store(root / "volumes.zarr", root / "participants.tsv")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    train = params["train"]
+    train.update(store="volumes.zarr", participants="participants.tsv", checkpoints="models", folds=2,
+                 resolution_mm=None, loader_workers=0, threads=1, tracking_uri=f"sqlite:///{root}/mlflow.db")
+    small = {"epochs": 6, "patience": 3, "batch_size": 8, "learning_rate": 3e-3}
+    train["models"] = {
+        "cnn3d": {"architecture": "cnn3d", "options": {"widths": [4, 8], "kernels": [3, 3], "hidden": 8}, **small},
+        "patch27": {"architecture": "patch27", "options": {"widths": [4], "kernels": [3], "hidden": 4}, "top_k": 2,
+                    "patch_epochs": 2, **small},
+        "autoencoder3d": {"architecture": "autoencoder3d", "task": "reconstruction",
+                          "options": {"latent": 128, "widths": [4, 8]}, **small},
+    }
+    params["extract"].update(volumes="volumes.zarr", store="features", loader_workers=0,
+                             tracking_uri=f"sqlite:///{root}/mlflow.db")
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "features").mkdir()
+    for name in ("ae_t1", "ae_t1_random", "cnn3d_t1"):
+        (root / "features" / f"{name}.yaml").write_text((ROOT / "features" / f"{name}.yaml").read_text())
+    return root
+
+
+def registry(root: Path) -> dict:
+    """{(model, version): (aliases, tags)} read straight from the MLflow sqlite file."""
+    con = sqlite3.connect(root / "mlflow.db")
+    out = {}
+    for name, version in con.execute("SELECT name, version FROM model_versions"):
+        tags = dict(con.execute("SELECT key, value FROM model_version_tags WHERE name=? AND version=?", (name, version)))
+        aliases = {a for (a,) in con.execute("SELECT alias FROM registered_model_aliases WHERE name=? AND version=?",
+                                             (name, version))}
+        out[(name, int(version))] = (aliases, tags)
+    return out
+
+
+def test_folds_group_sessions_and_a_leaky_split_fails(tmp_path):
+    from sklearn.model_selection import KFold
+
+    from endopheno.models.data import task_data
+    from endopheno.models.splits import LeakageError, Split, check_split, outer_folds
+    from endopheno.volumes.preprocess import open_mni
+
+    write_store(tmp_path / "v.zarr", tmp_path / "p.tsv", n=40, sessions=20)
+    data = task_data(open_mni(tmp_path / "v.zarr"), tmp_path / "p.tsv", "classification")
+    assert len(data) == 60 and set(data.target) == {0.0, 1.0}
+    splits = outer_folds(data.groups, data.strata, folds=5, seed=3)
+    tested = np.concatenate([s.test for s in splits])
+    assert sorted(tested) == list(range(60))          # every scan is tested exactly once
+    for s in splits:
+        check_split(s, data.groups, data.groups[s.train])
+        assert abs(data.target[s.test].mean() - 0.5) < 0.2   # stratified
+    # A scan-level KFold ignores participants: the two sessions of someone land on both sides.
+    leaky = [Split(k, tr[: len(tr) * 4 // 5], tr[len(tr) * 4 // 5:], te)
+             for k, (tr, te) in enumerate(KFold(5, shuffle=True, random_state=0).split(data.groups))]
+    with pytest.raises(LeakageError, match="in both"):
+        for s in leaky:
+            check_split(s, data.groups)
+    good = splits[0]
+    with pytest.raises(LeakageError, match="normalisation fitted on non-training"):
+        check_split(good, data.groups, data.groups[np.concatenate([good.train, good.test])])
+
+
+def test_grid_affine_puts_pooled_voxels_at_the_centre_of_their_block():
+    from endopheno.models.data import pool
+    from endopheno.models.volume_model import model_grid_affine
+
+    store = np.array([[2, 0, 0, -90], [0, 2, 0, -126], [0, 0, 2, -72], [0, 0, 0, 1.0]])
+    pooled = model_grid_affine(store, 3)
+    # pooled voxel (1, 2, 0) averages store voxels 3..5, 6..8, 0..2: its centre is store voxel (4, 7, 1)
+    assert np.allclose(pooled @ [1, 2, 0, 1], store @ [4, 7, 1, 1])
+    v = torch.arange(6 * 6 * 6, dtype=torch.float32).reshape(6, 6, 6)
+    assert float(pool(v, 3)[1, 0, 0]) == pytest.approx(float(v[3:6, 0:3, 0:3].mean()))
+
+
+def test_fit_resumes_from_its_checkpoint_and_is_deterministic(tmp_path):
+    from endopheno.models.architectures import build
+    from endopheno.models.train import ModelSpec, fit
+
+    torch.manual_seed(0)
+    x = torch.randn(24, 1, 8, 8, 8)
+    y = (torch.arange(24) % 2).float()
+    x[y == 1, :, 2:5, 2:5, 2:5] += 1.0
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True,
+                                         generator=torch.Generator().manual_seed(1))
+    spec = ModelSpec("t", "cnn3d", patience=100, options={"widths": [4], "kernels": [3], "hidden": 4})
+
+    def run(epochs, checkpoint):
+        torch.manual_seed(5)
+        net = build("cnn3d", (8, 8, 8), 1, 2, **spec.options)
+        loader.generator.manual_seed(1)
+        return net, fit(net, loader, loader, task="classification", spec=spec, epochs=epochs, device=torch.device("cpu"),
+                        amp=False, mask=torch.ones(8, 8, 8, dtype=torch.bool), checkpoint=checkpoint)
+
+    _, straight = run(4, None)
+    _, again = run(4, None)
+    assert [h["train_loss"] for h in straight.history] == [h["train_loss"] for h in again.history]
+    ckpt = tmp_path / "fold.pt"
+    _, first = run(2, ckpt)
+    assert first.epochs == 2 and ckpt.exists()
+    _, resumed = run(4, ckpt)        # continues at epoch 3 instead of starting over
+    assert resumed.epochs == 4 and len(resumed.history) == 4
+    assert [h["train_loss"] for h in resumed.history[:2]] == [h["train_loss"] for h in first.history]
+
+
+@pytest.mark.slow
+def test_train_cnn3d_registers_versions_with_champion_and_baseline(project):
+    out = cli("train", "cnn3d", "--params", "params.yaml", cwd=project, check=0)
+    assert "endopheno.cnn3d: balanced_accuracy" in out.stderr and "linear SVM baseline" in out.stderr
+    reg = registry(project)
+    aliases, tags = reg[("endopheno.cnn3d", 1)]
+    assert aliases == {"champion"} and tags["task"] == "classification" and tags["folds"] == "2"
+    assert float(tags["cv_value"]) >= 0.8          # the planted difference is easy
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    run = mlflow.get_run(tags["training_run"])
+    assert run.data.metrics["balanced_accuracy_mean"] == pytest.approx(float(tags["cv_value"]), abs=1e-6)
+    assert "baseline_balanced_accuracy_mean" in run.data.metrics and "loader_volumes_per_s" in run.data.metrics
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "fold0_val_loss")
+    assert len(history) >= 2                      # per-epoch metrics
+    from endopheno.volumes.preprocess import open_mni, volume_store_digest
+
+    digest = volume_store_digest(open_mni(project / "volumes.zarr"))
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [digest]
+    assert run.data.tags["git_revision"]
+    # a second version (other seed): the champion is whichever cross-validated better
+    cli("train", "cnn3d", "--params", "params.yaml", "--epochs", "1", cwd=project, check=0)
+    reg = registry(project)
+    values = {v: float(reg[("endopheno.cnn3d", v)][1]["cv_value"]) for v in (1, 2)}
+    champion = [v for v in (1, 2) if "champion" in reg[("endopheno.cnn3d", v)][0]]
+    assert champion == [max(values, key=lambda v: (values[v], -v))]
+    models = cli("models", "--tracking-uri", f"sqlite:///{project}/mlflow.db", cwd=project, check=0)
+    assert "endopheno.cnn3d" in models.stdout and "champion" in models.stdout
+
+
+@pytest.mark.slow
+def test_autoencoder_beats_its_untrained_self_and_extraction_fills_the_sets(project):
+    cli("train", "autoencoder3d", "--params", "params.yaml", cwd=project, check=0)
+    reg = registry(project)
+    assert "champion" in reg[("endopheno.autoencoder3d", 1)][0]
+    assert "champion" in reg[("endopheno.autoencoder3d_untrained", 1)][0]
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    m = mlflow.get_run(reg[("endopheno.autoencoder3d", 1)][1]["training_run"]).data.metrics
+    assert m["masked_mse_mean"] < 0.9 * m["baseline_masked_mse_mean"]
+
+    out = cli("extract", "--feature-set", "ae_t1", "--params", "params.yaml", cwd=project, check=0)
+    assert "new version 0" in out.stderr
+    again = cli("extract", "--feature-set", "ae_t1", "--params", "params.yaml", cwd=project, check=0)
+    assert "unchanged" in again.stderr                # same model version, same volumes: no new version
+    cli("extract", "--feature-set", "ae_t1_random", "--params", "params.yaml", cwd=project, check=0)
+    from deltalake import DeltaTable
+
+    table = DeltaTable(str(project / "features" / "ae_t1")).to_pyarrow_table()
+    assert table.num_rows == 48 and "f127" in table.column_names and "f128" not in table.column_names
+    assert set(table["model_name"].to_pylist()) == {"endopheno.autoencoder3d"}
+    assert set(table["model_version"].to_pylist()) == {"1"}
+    meta = DeltaTable(str(project / "features" / "ae_t1")).history(1)[0]
+    assert meta["model_version"] == "1" and meta["model_name"] == "endopheno.autoencoder3d"
+    trained = np.column_stack([table[f"f{d:03d}"].to_numpy() for d in range(128)])
+    random = DeltaTable(str(project / "features" / "ae_t1_random")).to_pyarrow_table()
+    assert not np.allclose(trained, np.column_stack([random[f"f{d:03d}"].to_numpy() for d in range(128)]))
+
+
+@pytest.mark.slow
+def test_patch27_extracts_with_a_bad_subject_reported_and_the_rest_written(project, tmp_path):
+    import shutil
+
+    import zarr
+
+    out = cli("train", "patch27", "--params", "params.yaml", cwd=project, check=0)
+    assert "chosen on validation AUC" in out.stderr and "endopheno.patch27: balanced_accuracy" in out.stderr
+    missing = cli("extract", "--feature-set", "cnn3d_t1", "--model", "endopheno.nothing@champion", "--params", "params.yaml",
+                  cwd=project, check=2)
+    assert "endopheno.nothing@champion" in missing.stderr and "registered" in missing.stderr
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy, ignore=shutil.ignore_patterns("mlflow.db", "models"))
+    zarr.open_group(copy / "volumes.zarr", mode="r+", path="mni")["T1w"][3, 5, 5, 5] = np.nan
+    out = cli("extract", "--feature-set", "cnn3d_t1", "--model", "endopheno.patch27@champion", "--params", "params.yaml",
+              cwd=copy, check=1)
+    assert "s003" in out.stderr and "non-finite" in out.stderr
+    from deltalake import DeltaTable
+
+    table = DeltaTable(str(copy / "features" / "cnn3d_t1")).to_pyarrow_table()
+    assert table.num_rows == 47 and "s003" not in table["subject_id"].to_pylist()
+    p_ad = np.asarray(table["p_ad"].to_numpy())
+    ad = np.array([int(s[1:]) % 2 for s in table["subject_id"].to_pylist()])
+    assert ((p_ad >= 0) & (p_ad <= 1)).all() and p_ad[ad == 1].mean() > p_ad[ad == 0].mean()
