@@ -1,5 +1,6 @@
-"""The DVC pipeline on a fresh clone with a tiny cohort: `dvc repro` builds every output, a second
-`dvc repro` does nothing."""
+"""The DVC pipeline on a fresh clone with a tiny cohort: `dvc repro` builds every output (models
+trained and registered, feature sets extracted, the catalog showing them), a second `dvc repro` does
+nothing."""
 
 from __future__ import annotations
 
@@ -29,16 +30,36 @@ def test_dvc_repro_on_a_fresh_clone(tmp_path):
             (clone / f).parent.mkdir(parents=True, exist_ok=True)
             (clone / f).write_bytes(src.read_bytes())
     params = yaml.safe_load((clone / "params.yaml").read_text())
-    params["phantom"] = {**small_params(4), "out": "data/phantom", "workers": 1}
+    params["phantom"] = {**small_params(16), "out": "data/phantom", "workers": 1}
     params["ingest"]["workers"] = params["preprocess"]["workers"] = 1
+    # tiny models on an 8 mm grid, 2 folds: the stages run, not the science
+    params["train"].update(folds=2, resolution_mm=8.0, loader_workers=0, threads=1)
+    tiny = {"epochs": 2, "patience": 2, "batch_size": 4}
+    params["train"]["models"]["cnn3d"].update(options={"widths": [4, 8], "kernels": [3, 3], "hidden": 8}, **tiny)
+    params["train"]["models"]["autoencoder3d"].update(options={"latent": 128, "widths": [4, 8]}, **tiny)
+    params["extract"]["loader_workers"] = 0
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     run = subprocess.run(["dvc", "repro"], cwd=clone, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     ds = xr.open_zarr(clone / "stores" / "volumes.zarr", group="mni")
-    assert ds["T1w"].shape[0] == 4 and ds["qc_pass"].values.all()
+    assert ds["T1w"].shape[0] == 16 and ds["qc_pass"].values.all()
     assert (clone / "stores" / "qc" / "montage.png").exists()
     assert (clone / "data" / "phantom" / "genotypes" / "phantom.bed").exists()
+    metrics = subprocess.run(["dvc", "metrics", "show"], cwd=clone, env=env, capture_output=True, text=True).stdout
+    assert "stores/models/cnn3d/metrics.json" in metrics and "balanced_accuracy_mean" in metrics
+    import duckdb
+
+    con = duckdb.connect(str(clone / "stores" / "catalog.duckdb"), read_only=True)
+    os.chdir(clone)   # the catalog's views hold paths relative to the repository root
+    try:
+        for name, model in (("ae_t1", "endopheno.autoencoder3d"), ("ae_t1_random", "endopheno.autoencoder3d_untrained"),
+                            ("cnn3d_t1", "endopheno.cnn3d")):
+            rows, models = con.sql(f"SELECT count(*), any_value(model_name) FROM features.{name}").fetchall()[0]
+            assert rows == 16 and models == model
+        assert con.sql("SELECT count(*) FROM features.ae_t1 WHERE f127 IS NOT NULL").fetchall()[0][0] == 16
+    finally:
+        os.chdir(ROOT)
     again = subprocess.run(["dvc", "repro"], cwd=clone, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "didn't change" in again.stdout + again.stderr and "Running stage" not in again.stdout
     status = subprocess.run(["dvc", "status"], cwd=clone, env=env, capture_output=True, text=True)

@@ -433,6 +433,8 @@ def train(
     folds: Optional[int] = typer.Option(None, help="Outer cross-validation folds (default: params.yaml)."),
     epochs: Optional[int] = typer.Option(None, help="Maximum epochs (default: the model's entry)."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
+    metrics: Optional[Path] = typer.Option(None, help="Also write the cross-validated metrics and the registered "
+                                           "version here (JSON; the DVC stage's metrics file)."),
     params: Path = typer.Option(Path("params.yaml"), help="Parameter file; its `train` section is used."),
 ) -> None:
     """Train a model with grouped, stratified k-fold cross-validation and baselines; register it in MLflow
@@ -452,6 +454,11 @@ def train(
     if report.excluded:
         err.print(f"{len(report.excluded)} subjects left out (first: "
                   + "; ".join(f"{s}: {r}" for s, r in report.excluded[:3]) + ")", soft_wrap=True)
+    if metrics:
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        metrics.write_text(json.dumps({"model": f"endopheno.{report.name}", "version": report.version,
+                                       "champion": report.champion, "mlflow_run_id": report.run_id,
+                                       **{k: round(v, 6) for k, v in report.summary.items()}}, indent=1))
     err.print(f"{report.line()} in {time.perf_counter() - t0:.0f} s", soft_wrap=True)
 
 

@@ -75,8 +75,8 @@ def task_data(ds, participants: str | Path, task: str, *, target: str = "diagnos
     table = participant_table(participants)
     if task != "reconstruction" and target not in table:
         raise InputError(participants, f"has no {target!r} column for the {task} target")
-    keys = ds.subject.values.astype(str)
-    done = ds.source_sha256.values.astype(str) != ""
+    keys = np.array(ds.subject.values.tolist(), dtype=str)
+    done = np.array(ds.source_sha256.values.tolist(), dtype=str) != ""
     qc = np.asarray(ds.qc_pass.values, dtype=bool)
     rows, targets, excluded = [], [], []
     for i, key in enumerate(keys):

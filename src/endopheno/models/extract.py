@@ -42,7 +42,7 @@ class ExtractParams:
     loader_workers: int = 1
     device: str = "auto"
     tracking_uri: str | None = None
-    sets: tuple[str, ...] = ()          # the sets the pipeline extracts
+    sets: dict | None = None            # the sets the pipeline extracts -> the model entry each reads
 
 
 def resolve(uri: str) -> tuple[str, str]:
@@ -124,8 +124,8 @@ def extract(defn: FeatureSet, p: ExtractParams, model_uri: str | None = None) ->
     model = load_model(name, version)
     device = device_of(p.device)
     model.to(device)
-    done = np.flatnonzero(ds.source_sha256.values.astype(str) != "")
-    keys = ds.subject.values.astype(str)
+    done = np.flatnonzero(np.array(ds.source_sha256.values.tolist(), dtype=str) != "")
+    keys = np.array(ds.subject.values.tolist(), dtype=str)
     dataset = VolumeDataset(p.volumes, done, np.zeros(len(done)), inputs=model.inputs, factor=model.factor,
                             mask=model.mask.bool().cpu())
     loader = torch.utils.data.DataLoader(dataset, batch_size=p.batch_size, num_workers=p.loader_workers)

@@ -39,13 +39,17 @@ def outer_folds(groups: np.ndarray, strata: np.ndarray, *, folds: int = 5, valid
     become the validation set (itself grouped and stratified). ``folds=1`` is no cross-validation:
     every subject trains or validates (the final model)."""
     index = np.arange(len(groups))
-    inner_k = max(2, round(1 / validation_fraction))
+    smallest = int(np.bincount(np.unique(strata, return_inverse=True)[1]).min())
+    if folds > smallest:
+        raise EndophenoError(f"{folds} folds need at least {folds} subjects in every class or stratum; the smallest has {smallest}")
     if folds == 1:
         outer = [(index, index[:0])]
     else:
         outer = list(StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(index, strata, groups))
     splits = []
     for k, (rest, test) in enumerate(outer):
+        # 1 / validation_fraction inner folds, fewer when a class is too small for that many (tiny cohorts)
+        inner_k = max(2, min(round(1 / validation_fraction), int(np.bincount(np.unique(strata[rest], return_inverse=True)[1]).min())))
         inner = StratifiedGroupKFold(inner_k, shuffle=True, random_state=seed + 1 + k)
         fit, validation = next(inner.split(rest, strata[rest], groups[rest]))
         splits.append(Split(k, np.sort(rest[fit]), np.sort(rest[validation]), np.sort(test)))

@@ -257,6 +257,9 @@ def linear_baseline(task: str, voxels: np.ndarray, target: np.ndarray, split: Sp
     2020). Assumes the classes (or the target) are linearly related to voxel intensities."""
     from sklearn.svm import LinearSVC, LinearSVR
 
+    if task == "classification" and len(set(target[split.train])) < 2:
+        log.warning("fold %d: the training subjects hold one class only; no SVM baseline", split.fold)
+        return {"balanced_accuracy": math.nan, "auc": math.nan}
     mean, sd = voxels[split.train].mean(0), voxels[split.train].std(0) + 1e-6
     z = (voxels - mean) / sd
     make = (lambda c: LinearSVC(C=c, max_iter=20000)) if task == "classification" else (lambda c: LinearSVR(C=c, max_iter=20000))
