@@ -3,8 +3,6 @@ a planted group difference (real Zarr, real MLflow sqlite store, real Delta tabl
 
 from __future__ import annotations
 
-import json
-import os
 import sqlite3
 from pathlib import Path
 

@@ -312,6 +312,15 @@ def features_history(name: str = typer.Argument(..., help="Feature set name."), 
     _print_table(pa.Table.from_pylist([{k: r[k] for k in keep} for r in rows]), f"{name}: history")
 
 
+def _report_build(report, t0: float) -> None:
+    """A feature-set build's failed subjects (one line each), its summary; exit 1 if any failed."""
+    for subject, reason in report.failed:
+        err.print(f"[red]failed[/red] subject {subject}: {reason}", soft_wrap=True)
+    err.print(f"{report.summary()} in {time.perf_counter() - t0:.1f} s", soft_wrap=True)
+    if report.failed:
+        raise typer.Exit(1)
+
+
 @features_app.command("build")
 def features_build(name: str = typer.Argument(..., help="Feature set name (a definition in features/)."),
                    params: Path = PARAMS, scheduler: Optional[str] = SCHEDULER) -> None:
@@ -322,11 +331,7 @@ def features_build(name: str = typer.Argument(..., help="Feature set name (a def
     p = _feature_params(params)
     t0 = time.perf_counter()
     report = build_atlas_set(definition(name, p.definitions), p, scheduler=scheduler)
-    for subject, reason in report.failed:
-        err.print(f"[red]failed[/red] subject {subject}: {reason}", soft_wrap=True)
-    err.print(f"{report.summary()} in {time.perf_counter() - t0:.1f} s", soft_wrap=True)
-    if report.failed:
-        raise typer.Exit(1)
+    _report_build(report, t0)
 
 
 @app.command()
@@ -478,11 +483,7 @@ def extract(
     p = from_section(ExtractParams, load_params(None, params).get("extract") if params.exists() else None, "extract")
     t0 = time.perf_counter()
     report = extract_set(definition(feature_set, p.definitions), p, model)
-    for subject, reason in report.failed:
-        err.print(f"[red]failed[/red] subject {subject}: {reason}", soft_wrap=True)
-    err.print(f"{report.summary()} in {time.perf_counter() - t0:.1f} s", soft_wrap=True)
-    if report.failed:
-        raise typer.Exit(1)
+    _report_build(report, t0)
 
 
 @app.command()

@@ -228,12 +228,9 @@ def build_atlas_set(defn, p: FeatureParams, *, scheduler: str | None = None) -> 
     """Measure the atlas set `defn` on the volume store and commit it as a new version of
     `<p.store>/<name>`, unless the latest version was built from the same inputs (volume store digest,
     atlas, parameters, producer version and schema version): then nothing is measured."""
-    import json
-
-    from endopheno.featurestore.store import latest_metadata, write_version
+    from endopheno.featurestore.store import digest, unchanged_version, write_version
     from endopheno.tracking import git_revision, mlflow_run
     from endopheno.volumes.preprocess import open_mni, volume_store_digest
-    from deltalake import DeltaTable
 
     if defn.producer.get("kind") != "atlas":
         raise InputError(defn.name, f"producer kind {defn.producer.get('kind')!r} is not an atlas measurement")
@@ -242,15 +239,11 @@ def build_atlas_set(defn, p: FeatureParams, *, scheduler: str | None = None) -> 
     schema = defn.arrow_schema(atlas.regions)
     provenance = {"model_name": defn.model_name, "model_version": defn.model_version,
                   "volume_store_digest": volume_store_digest(ds), "schema_version": defn.schema_version,
-                  "params_hash": hashlib.sha256(json.dumps({"modality": p.modality, "atlas": atlas.digest, "seed": p.seed},
-                                                          sort_keys=True).encode()).hexdigest()[:16]}
-    provenance["input_digest"] = hashlib.sha256(json.dumps({**provenance, "schema": schema.to_string()},
-                                                           sort_keys=True, default=str).encode()).hexdigest()[:16]
+                  "params_hash": digest({"modality": p.modality, "atlas": atlas.digest, "seed": p.seed})}
+    provenance["input_digest"] = digest({**provenance, "schema": schema.to_string()})
     path = Path(p.store) / defn.name
-    if DeltaTable.is_deltatable(str(path)):
-        latest = latest_metadata(DeltaTable(str(path)))
-        if latest["input_digest"] == provenance["input_digest"]:
-            return BuildReport(defn.name, latest["version"], False, DeltaTable(str(path)).count(), [], None)
+    if done := unchanged_version(path, provenance["input_digest"]):
+        return BuildReport(defn.name, done[0], False, done[1], [], None)
     log.info("measuring %d regions (%s) on %s", len(atlas.regions), atlas.source, p.volumes)
     with mlflow_run("endopheno.features", f"features {defn.name}", uri=p.tracking_uri,
                     tags={"endopheno.kind": "features", "feature_set": defn.name, **{k: str(v) for k, v in provenance.items()}}) as run:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -99,6 +100,21 @@ def latest_metadata(table: DeltaTable) -> dict:
 def _fields(schema: pa.Schema | Schema) -> list[tuple[str, str]]:
     delta = schema if isinstance(schema, Schema) else Schema.from_arrow(schema)
     return [(f["name"], json.dumps(f["type"])) for f in json.loads(delta.to_json())["fields"]]
+
+
+def digest(value) -> str:
+    """A short content digest of a JSON-able value (params hashes, input digests)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def unchanged_version(path: str | Path, input_digest: str) -> tuple[int, int] | None:
+    """(version, rows) of the latest version when it was built from `input_digest`, else None: a
+    rebuild from identical inputs then writes nothing."""
+    if not DeltaTable.is_deltatable(str(path)):
+        return None
+    table = DeltaTable(str(path))
+    latest = latest_metadata(table)
+    return (latest["version"], table.count()) if latest["input_digest"] == input_digest else None
 
 
 def write_version(path: str | Path, table: pa.Table, metadata: dict, *, attempts: int = 8) -> WriteResult:

@@ -207,19 +207,11 @@ class VolumeDataset(torch.utils.data.Dataset):
         return x, torch.tensor(self.targets[index])
 
 
-def fit_normalisation(dataset: VolumeDataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and SD over the brain voxels of every subject of `dataset` (pass the training
+def fit_normalisation(volumes: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and SD over the brain voxels of `volumes` [N, C, X, Y, Z] (pass the training
     subjects only: statistics fitted on validation or test subjects leak them into training)."""
-    total = total2 = count = 0.0
-    for i in range(len(dataset)):
-        x = dataset.volume(i).double()
-        v = x[:, dataset.mask] if dataset.mask is not None else x.reshape(x.shape[0], -1)
-        total = total + v.sum(1)
-        total2 = total2 + (v * v).sum(1)
-        count += v.shape[1]
-    mean = total / count
-    sd = torch.sqrt(torch.clamp(total2 / count - mean * mean, min=1e-12))
-    return mean.float(), sd.float()
+    v = volumes[:, :, mask].double().transpose(0, 1).reshape(volumes.shape[1], -1)
+    return v.mean(1).float(), v.std(1, unbiased=False).clamp_min(1e-6).float()
 
 
 def augmentation(options: dict | None, seed: int):

@@ -10,8 +10,6 @@ same volumes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 import time
@@ -94,12 +92,11 @@ def extract(defn: FeatureSet, p: ExtractParams, model_uri: str | None = None) ->
     subject and commit the rows as a new version of the feature set."""
     import mlflow
 
-    from endopheno.featurestore.store import latest_metadata, write_version
+    from endopheno.featurestore.store import digest, unchanged_version, write_version
     from endopheno.models.data import VolumeDataset
     from endopheno.models.train import device_of
     from endopheno.tracking import git_revision, mlflow_run, tracking_uri
     from endopheno.volumes.preprocess import open_mni, volume_store_digest
-    from deltalake import DeltaTable
 
     if defn.producer.get("kind") != "model":
         raise InputError(defn.name, f"producer kind {defn.producer.get('kind')!r} is not a model (build it with `features build`)")
@@ -109,17 +106,12 @@ def extract(defn: FeatureSet, p: ExtractParams, model_uri: str | None = None) ->
     mlflow.set_tracking_uri(tracking_uri(p.tracking_uri))
     name, version = resolve(model_uri or defn.producer.get("model", ""))
     ds = open_mni(p.volumes)
-    digest = volume_store_digest(ds)
-    provenance = {"model_name": name, "model_version": version, "volume_store_digest": digest,
-                  "schema_version": defn.schema_version,
-                  "params_hash": hashlib.sha256(json.dumps({"outputs": outputs}).encode()).hexdigest()[:16]}
-    provenance["input_digest"] = hashlib.sha256(json.dumps({**provenance, "columns": [c.name for c in defn.columns]},
-                                                           sort_keys=True, default=str).encode()).hexdigest()[:16]
+    provenance = {"model_name": name, "model_version": version, "volume_store_digest": volume_store_digest(ds),
+                  "schema_version": defn.schema_version, "params_hash": digest({"outputs": outputs})}
+    provenance["input_digest"] = digest({**provenance, "columns": [c.name for c in defn.columns]})
     path = Path(p.store) / defn.name
-    if DeltaTable.is_deltatable(str(path)):
-        latest = latest_metadata(DeltaTable(str(path)))
-        if latest["input_digest"] == provenance["input_digest"]:
-            return BuildReport(defn.name, latest["version"], False, DeltaTable(str(path)).count(), [], None)
+    if done := unchanged_version(path, provenance["input_digest"]):
+        return BuildReport(defn.name, done[0], False, done[1], [], None)
 
     model = load_model(name, version)
     device = device_of(p.device)

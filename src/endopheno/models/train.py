@@ -343,9 +343,7 @@ class Trainer:
         return float(t.mean()), float(t.std() + 1e-9)
 
     def normalisation(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        reader = VolumeDataset(self.p.store, self.data.rows[rows], self.data.target[rows], mask=self.mask)
-        reader.volume = lambda i: self.volumes[rows[i]]   # the cached maps, not a second read
-        return fit_normalisation(reader)
+        return fit_normalisation(self.volumes[rows], self.mask)
 
     def loader(self, rows: np.ndarray, norm, scale, *, shuffle: bool, seed: int) -> torch.utils.data.DataLoader:
         target = (self.data.target[rows] - scale[0]) / scale[1]
