@@ -242,3 +242,43 @@ def test_patch27_extracts_with_a_bad_subject_reported_and_the_rest_written(proje
     p_ad = np.asarray(table["p_ad"].to_numpy())
     ad = np.array([int(s[1:]) % 2 for s in table["subject_id"].to_pylist()])
     assert ((p_ad >= 0) & (p_ad <= 1)).all() and p_ad[ad == 1].mean() > p_ad[ad == 0].mean()
+
+
+def test_a_network_that_never_beats_chance_is_retried_and_a_learning_one_is_not(project, monkeypatch, caplog):
+    from endopheno.models.splits import outer_folds
+    from endopheno.models.train import Trainer, load_train_params, model_spec
+
+    monkeypatch.chdir(project)
+    section = yaml.safe_load((project / "params.yaml").read_text())["train"]
+    # Diagnoses shuffled away from the images: nothing to learn, so validation never beats chance.
+    table = pd.read_csv("participants.tsv", sep="\t")
+    table["diagnosis"] = table.diagnosis.sample(frac=1, random_state=3).to_numpy()
+    table.to_csv("shuffled.tsv", sep="\t", index=False)
+    runs = {}
+    for name, participants in (("stuck", "shuffled.tsv"), ("learning", "participants.tsv")):
+        section["models"][name] = {**section["models"]["cnn3d"], "epochs": 4}
+        p = load_train_params({**section, "participants": participants})
+        trainer = Trainer(p, model_spec(p, name))
+        split = outer_folds(trainer.data.groups, trainer.data.strata, folds=2, seed=1)[0]
+        caplog.clear()
+        *_, result, info = trainer.train_split(split, 1, None, None, name)
+        runs[name] = (info["restarts"], result.best_loss, trainer.chance_loss(split.train), caplog.text)
+    restarts, loss, chance, text = runs["stuck"]
+    assert restarts == 1 and loss > 0.98 * chance and "never beat chance" in text
+    restarts, loss, chance, text = runs["learning"]
+    assert restarts == 0 and loss < 0.98 * chance and "never beat chance" not in text
+
+
+def test_number_knobs_written_without_a_dot_are_numbers_and_words_are_refused():
+    from endopheno.errors import EndophenoError
+    from endopheno.models.train import ModelSpec
+    from endopheno.params import from_section
+
+    section = yaml.safe_load("learning_rate: 3e-4\nepochs: 1e1\n")   # YAML 1.1 reads both as strings
+    assert isinstance(section["learning_rate"], str)
+    spec = from_section(ModelSpec, {"name": "m", "architecture": "cnn3d", **section}, "train.models.m")
+    assert spec.learning_rate == pytest.approx(3e-4) and spec.epochs == 10 and isinstance(spec.epochs, int)
+    with pytest.raises(EndophenoError, match="train.models.m.learning_rate: 'fast' is not a number"):
+        from_section(ModelSpec, {"name": "m", "architecture": "cnn3d", "learning_rate": "fast"}, "train.models.m")
+    with pytest.raises(EndophenoError, match="epochs: '2.5' is not a whole number"):
+        from_section(ModelSpec, {"name": "m", "architecture": "cnn3d", "epochs": "2.5"}, "train.models.m")

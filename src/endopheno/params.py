@@ -33,4 +33,16 @@ def from_section(cls, section: dict | None, name: str, ignore: set[str] = frozen
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
         raise EndophenoError(f"{name}: unknown parameter(s) {', '.join(sorted(unknown))}")
+    numbers = {"float": float, "float | None": float, "int": int, "int | None": int}
+    for field in dataclasses.fields(cls):
+        kind = numbers.get(field.type if isinstance(field.type, str) else getattr(field.type, "__name__", ""))
+        # YAML 1.1 reads 3e-4 (no dot) as a string; a number knob must get a number or a clear error.
+        if kind is not None and isinstance(d.get(field.name), str):
+            try:
+                value = float(d[field.name])
+                if kind is int and not value.is_integer():
+                    raise ValueError
+                d[field.name] = kind(value)
+            except ValueError:
+                raise EndophenoError(f"{name}.{field.name}: {d[field.name]!r} is not a {'whole ' if kind is int else ''}number") from None
     return cls(**d)

@@ -199,7 +199,7 @@ class VolumeDataset(torch.utils.data.Dataset):
         x = self.volume(index)
         if self.normalise is not None:
             mean, sd = self.normalise
-            x = (x - mean[:, None, None, None]) / sd[:, None, None, None]
+            x = (x - mean) / sd
             if self.mask is not None:
                 x = x * self.mask
         if self.augment is not None:
@@ -208,10 +208,11 @@ class VolumeDataset(torch.utils.data.Dataset):
 
 
 def fit_normalisation(volumes: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and SD over the brain voxels of `volumes` [N, C, X, Y, Z] (pass the training
-    subjects only: statistics fitted on validation or test subjects leak them into training)."""
+    """Per-channel mean and SD over the brain voxels of `volumes` [N, C, X, Y, Z], shaped [C, 1, 1, 1] to
+    broadcast over a subject (pass the training subjects only: statistics fitted on validation or test
+    subjects leak them into training)."""
     v = volumes[:, :, mask].double().transpose(0, 1).reshape(volumes.shape[1], -1)
-    return v.mean(1).float(), v.std(1, unbiased=False).clamp_min(1e-6).float()
+    return v.mean(1).float()[:, None, None, None], v.std(1, unbiased=False).clamp_min(1e-6).float()[:, None, None, None]
 
 
 def augmentation(options: dict | None, seed: int):

@@ -7,17 +7,19 @@ cohort whatever the number of workers.
 Effect model, on the log volume of region r of subject i (all effects are relative changes):
 
     log V_ir = log(1 + ad_r) * severity_i + log(1 + age_r) * (age_i - reference_age)
-               + region_sd * sum_causal sqrt(h2) * standardised dosage_i
-               + sqrt(region_sd^2 (1 - sum h2) - warp_var_r) * z_ir
+               + sqrt(R_r) * sum_causal sqrt(h2) * standardised dosage_i
+               + sqrt(region_sd^2 - R_r sum h2 - warp_var_r) * z_ir
                + population shift
     severity_i = 0 for CN, ~ N(1, severity_sd) clipped at 0 for AD (mild AD overlaps CN, as MCI does)
 
 z_ir is normal, correlated between the two hemispheres of a region; warp_var_r is the variance the random
-warp itself gives the region's log volume (estimated on a few warps), so that the total between-subject
-SD given diagnosis and age is region_sd and each causal variant explains its h2 of that variance.
-On top of this come the head size (scaled by sex) and a global atrophy by age and diagnosis; the volumes
-written to ground_truth/subjects.tsv are measured on the final anatomy, so they are the truth whatever
-the model.
+warp itself gives the region's log volume (estimated on a few warps), so that the individual SD given
+diagnosis and age is region_sd. On top of this come the head size (scaled by sex) and a global atrophy by
+age and diagnosis. R_r is the variance of log V_r that an analysis adjusting for diagnosis, age and sex
+leaves (`residual_variance`: region_sd^2 + head size + severity within AD), so each causal variant
+explains its h2 of what a GWAS with those covariates sees, and its power at a cohort size is predictable
+(non-centrality ~ N h2 / (1 - h2)). The volumes written to ground_truth/subjects.tsv are measured on the
+final anatomy, so they are the truth whatever the model.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from endopheno.parallel import map_items
 from endopheno.phantom import acquisition as acq_mod
 from endopheno.phantom.anatomy import Anatomy, atrophy_map, random_warp
 from endopheno.phantom.genetics import pick_causal, simulate, write_plink
-from endopheno.phantom.regions import REGIONS, contraction_gain, label_image
+from endopheno.phantom.regions import BY_NAME, REGIONS, contraction_gain, label_image
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,15 @@ def warp_variance(anatomy_params: dict, seed: int, n: int = 16) -> dict[str, flo
     return {r.name: float(np.var([np.log(v[r.name]) for v in logs], ddof=1)) for r in REGIONS}
 
 
+def residual_variance(p: dict, region_group: str) -> float:
+    """Variance of a region's log volume given diagnosis, age and sex (the usual GWAS covariates):
+    the individual term (region_sd^2), the head size within sex (volume ~ scale^3) and the AD severity
+    within the AD group (pooled over groups, clipping at 0 ignored), the whole-brain atrophy included."""
+    d, a = p["demographics"], p["anatomy"]
+    ad_log = np.log1p(p["effects"][region_group]["ad"]) + np.log1p(p["effects"]["whole_brain"]["ad"])
+    return float(p["region_sd"] ** 2 + 9 * a["head_scale_sd"] ** 2 + d["ad_fraction"] * (d["ad_severity_sd"] * ad_log) ** 2)
+
+
 def _subject_effects(p: dict, n: int, severity: np.ndarray, age: np.ndarray, population: np.ndarray, causal_std: dict[str, np.ndarray], warp_var: dict[str, float], rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Log volume factor per region (name -> (n,)) from the effect model in the module docstring."""
     effects, sd, ref = p["effects"], p["region_sd"], p["reference_age"]
@@ -90,10 +101,11 @@ def _subject_effects(p: dict, n: int, severity: np.ndarray, age: np.ndarray, pop
         z = np.sqrt(rho) * shared[region.group] + np.sqrt(1 - rho) * rng.standard_normal(n)
         genetic = causal_std.get(region.name, [])
         h2 = sum(h for h, _ in genetic)
-        residual_var = sd**2 * (1 - h2) - warp_var[region.name]
+        seen = residual_variance(p, region.group)
+        residual_var = sd**2 - seen * h2 - warp_var[region.name]
         if residual_var < 0:
-            log.warning("region %s: the random warp alone varies its volume more than region_sd", region.name)
-        individual = np.sqrt(max(residual_var, 0.0)) * z + sd * sum(np.sqrt(h) * g for h, g in genetic)
+            log.warning("region %s: the random warp and the causal variants vary its volume more than region_sd", region.name)
+        individual = np.sqrt(max(residual_var, 0.0)) * z + np.sqrt(seen) * sum(np.sqrt(h) * g for h, g in genetic)
         shift = p["genetics"]["population_shift_sd"] * sd * population if region.tissue == "gm" else 0.0
         log_f[region.name] = np.log1p(e["ad"]) * severity + np.log1p(e["age_per_year"]) * (age - ref) + individual + shift
     return log_f
@@ -144,7 +156,7 @@ def generate(out: str | Path, params: dict[str, Any], *, subjects: int | None = 
         dose = geno.dosage[row.index, :n].astype(float)
         f = dose.mean() / 2
         causal_std.setdefault(spec["region"], []).append((spec["variance_explained"], (dose - 2 * f) / np.sqrt(2 * f * (1 - f))))
-        betas.append(p["region_sd"] * np.sqrt(spec["variance_explained"]) / np.sqrt(2 * f * (1 - f)))
+        betas.append(np.sqrt(residual_variance(p, BY_NAME[spec["region"]].group) * spec["variance_explained"]) / np.sqrt(2 * f * (1 - f)))
     causal = causal.drop(columns="index").assign(
         region=[c["region"] for c in g["causal"]], variance_explained=[c["variance_explained"] for c in g["causal"]],
         beta_log_volume_per_allele=betas,
