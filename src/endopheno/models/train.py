@@ -161,9 +161,10 @@ def fit(net: torch.nn.Module, train: torch.utils.data.DataLoader, validation: to
     net.to(device)
     mask = mask.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay)
-    total_steps = max(epochs * len(train), 1)
+    total_steps = max(epochs * len(train), 4)
+    # OneCycleLR needs at least two steps in each phase (a very short run gets a longer warm-up share)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.learning_rate, total_steps=total_steps,
-                                                   pct_start=spec.warmup, anneal_strategy="cos")
+                                                   pct_start=min(max(spec.warmup, 2 / total_steps), 0.5), anneal_strategy="cos")
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
     state = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "best": copy.deepcopy(net.state_dict()),
              "bad": 0, "history": [], "samples": 0, "seconds": 0.0}
