@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 
 from endopheno.models.splits import outer_folds
-from endopheno.models.train import Trainer, linear_baseline, load_train_params, model_spec, outputs, scores
+from endopheno.models.train import Trainer, linear_baseline, load_train_params, model_spec
 from endopheno.params import load_params
 
 
@@ -61,10 +61,8 @@ if __name__ == "__main__":
             if not a.svm_only:
                 t0 = time.time()
                 net, norm, scale, result, info = tr.train_split(s, p.seed * 1000 + fold, None, None, f"fold {fold}")
-                predicted = outputs(net, tr.loader(s.test, norm, scale, shuffle=False, seed=0), task=spec.task, device=tr.device, mask=tr.mask)
-                if spec.task == "regression":
-                    predicted = predicted * scale[1] + scale[0]
-                line.update(**{k: round(v, 3) for k, v in scores(spec.task, predicted, tr.data.target[s.test]).items()},
+                test = tr.loader(s.test, norm, scale, shuffle=False, seed=0)
+                line.update(**{k: round(v, 3) for k, v in tr.test_scores(net, test, scale, tr.data.target[s.test]).items()},
                             best_epoch=result.best_epoch, restarts=info["restarts"], minutes=round((time.time() - t0) / 60, 2),
                             val_loss=[round(h["val_loss"], 3) for h in result.history])
             if spec.task != "reconstruction":

@@ -484,11 +484,8 @@ class Trainer:
         net, norm, scale, result, info = self.train_split(split, seed, on_epoch, self.checkpoints / f"fold{split.fold}.pt",
                                                             f"{self.spec.name} fold {split.fold}")
         test = self.loader(split.test, norm, scale, shuffle=False, seed=seed)
-        predicted = outputs(net, test, task=self.spec.task, device=self.device, mask=self.mask)
         truth = self.data.target[split.test]
-        if self.spec.task == "regression":
-            predicted = predicted * scale[1] + scale[0]
-        metrics = {**scores(self.spec.task, predicted, truth), "best_epoch": float(result.best_epoch),
+        metrics = {**self.test_scores(net, test, scale, truth), "best_epoch": float(result.best_epoch),
                    "train_volumes_per_s": result.volumes_per_s, **info, "test_subjects": self.data.subjects[split.test].tolist()}
         if self.spec.task == "reconstruction":
             untrained = self.net(seed)
@@ -501,6 +498,13 @@ class Trainer:
                  ", ".join(f"{k} {v:.3f}" for k, v in base.items()))
         done.write_text(json.dumps({"metrics": metrics, "baseline": base}))
         return metrics, base
+
+    def test_scores(self, net, test, scale, truth: np.ndarray) -> dict[str, float]:
+        """The test metrics of `net` on the subjects of loader `test` (regression back in target units)."""
+        predicted = outputs(net, test, task=self.spec.task, device=self.device, mask=self.mask)
+        if self.spec.task == "regression":
+            predicted = predicted * scale[1] + scale[0]
+        return scores(self.spec.task, predicted, truth)
 
     def loader_throughput(self, split: Split) -> float:
         """Volumes/s of the training DataLoader alone (reads, pooling, normalisation, augmentation), to
