@@ -46,12 +46,15 @@ def ingested_store(phantom_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def preprocessed_store(ingested_store, tmp_path_factory) -> Path:
+    """The ingested store preprocessed as `endopheno preprocess` does it: MNI volumes and log-Jacobian maps."""
+    from endopheno.volumes.morphometry import morphometry
     from endopheno.volumes.preprocess import PreprocessParams, preprocess
 
     store = tmp_path_factory.mktemp("prep") / "volumes.zarr"
     shutil.copytree(ingested_store, store)
     report = preprocess(store, PreprocessParams(), workers=1)
     assert len(report.processed) == 6 and not report.failed
+    assert len(morphometry(store, workers=1)) == 6
     return store
 
 

@@ -95,8 +95,10 @@ def preprocess(
     workers: Optional[int] = WORKERS,
     scheduler: Optional[str] = SCHEDULER,
 ) -> None:
-    """Bring every native volume into MNI space: reorient, N4, affine registration, resample, mask, normalise."""
-    from endopheno.params import load_params
+    """Bring every native volume into MNI space: reorient, N4, affine registration, resample, mask, normalise;
+    then the log-Jacobian maps of a non-linear registration to the template (tensor-based morphometry)."""
+    from endopheno.params import from_section, load_params
+    from endopheno.volumes.morphometry import MorphometryParams, morphometry
     from endopheno.volumes.preprocess import PreprocessParams, open_mni, preprocess as run
     from endopheno.volumes.qc import montage, qc_table
 
@@ -105,6 +107,11 @@ def preprocess(
     t0 = time.perf_counter()
     report = run(store, p, workers=workers, scheduler=scheduler)
     seconds = time.perf_counter() - t0
+    if section.get("morphometry", {}) is not None:  # null in params.yaml: no log-Jacobian maps
+        m = from_section(MorphometryParams, {"modality": p.modality, **section.get("morphometry", {})}, "preprocess.morphometry")
+        t1 = time.perf_counter()
+        rows = morphometry(store, m, workers=workers, scheduler=scheduler)
+        err.print(f"morphometry: {len(rows)} log-Jacobian maps in {time.perf_counter() - t1:.1f} s")
     for subject, reason in report.failed:
         err.print(f"[red]failed[/red] subject {subject}: {reason}", soft_wrap=True)
     for subject, corr in report.qc_failed:

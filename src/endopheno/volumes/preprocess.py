@@ -388,4 +388,7 @@ def volume_store_digest(ds: xr.Dataset) -> str:
     h = hashlib.sha256(str(ds.attrs.get("params_digest", "")).encode())
     for subject, sha in zip(ds.subject.values, ds.source_sha256.values):
         h.update(f"{subject}:{sha}\n".encode())
+    if "logjac" in ds:  # the log-Jacobian maps: their knobs, and which rows are done
+        h.update(str(ds["logjac"].attrs.get("params_digest", "")).encode())
+        h.update("".join(ds["logjac_source_sha256"].values.tolist()).encode())
     return h.hexdigest()[:16]

