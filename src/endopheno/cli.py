@@ -494,6 +494,78 @@ def extract(
 
 
 @app.command()
+def attribute(
+    model: Optional[str] = typer.Option(None, help="Registered model NAME@ALIAS or NAME/VERSION, or a train.models "
+                                        "entry (its attribute.alias version); default: every model of attribute.models."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated: integrated_gradients, lrp, guided_gradcam, "
+                                          "occlusion (default: params.yaml)."),
+    subjects: Optional[int] = typer.Option(None, help="Subjects explained, stratified by diagnosis (default: params.yaml)."),
+    params: Path = typer.Option(Path("params.yaml"), help="Parameter file; its `attribute` section is used."),
+) -> None:
+    """Attribution maps of a registered model (group averages as NIfTI, figures, completeness and randomisation
+    checks, scores against a truth map beside a linear SVM's pattern), and an autoencoder's latent-to-region map;
+    written to stores/attribution/MODEL and logged to MLflow."""
+    from endopheno.attribution.run import attribute_model, load_attribute_params, model_uris
+    from endopheno.params import load_params
+
+    section = dict(load_params(None, params).get("attribute") or {}) if params.exists() else {}
+    if subjects is not None:
+        section["subjects"] = subjects
+    if methods:
+        section["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
+    p = load_attribute_params(section)
+    failed = 0
+    for uri in model_uris(p, [model] if model else None):
+        report = attribute_model(p, uri)
+        _report_attribution(report)
+        failed += len(report.failed)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _report_attribution(report) -> None:
+    """An attribution run's table (method × checks and scores, the SVM baseline last), its skipped methods
+    (one line per reason), failed subjects, notes, the first dimensions' regions and the summary line."""
+    import pyarrow as pa
+
+    scores = report.scores.set_index("method") if report.scores is not None else None
+    rows = []
+    for m in report.methods:
+        if m.status != "ok":
+            continue
+        row = {"method": m.method, "subjects": m.subjects,
+               "IG completeness (median / max)": "" if np.isnan(m.completeness_median)
+               else f"{m.completeness_median:.4f} / {m.completeness_max:.4f}",
+               "randomised ρ": None if np.isnan(m.randomisation_rank_correlation) else m.randomisation_rank_correlation}
+        if scores is not None:
+            row.update(auc=scores.auc.get(m.method), dice_top5=scores.dice_top5.get(m.method),
+                       auc_randomised=scores.auc_randomised.get(m.method))
+        rows.append(row)
+    if scores is not None and "svm_haufe" in scores.index:
+        rows.append({"method": "svm_haufe (baseline)", "subjects": None, "IG completeness (median / max)": "",
+                     "randomised ρ": None, "auc": scores.auc["svm_haufe"], "dice_top5": scores.dice_top5["svm_haufe"],
+                     "auc_randomised": None})
+    if rows:
+        _print_table(pa.Table.from_pylist(rows), f"{report.model}/{report.version}")
+    reasons = {}
+    for m in report.skipped:
+        reasons.setdefault(m.reason, []).append(m.method)
+    for reason, names in reasons.items():
+        err.print(f"[yellow]skipped[/yellow] {', '.join(names)} on {report.model}/{report.version}: {reason}", soft_wrap=True)
+    for subject, reason in report.failed:
+        err.print(f"[red]failed[/red] subject {subject}: {reason}", soft_wrap=True)
+    for note in report.notes:
+        err.print(note, soft_wrap=True)
+    if report.latent_regions is not None:
+        from endopheno.attribution.regions import top_regions
+
+        top = top_regions(report.latent_regions, 2).head(5)
+        err.print("latent → regions (first dimensions): " + "; ".join(f"{d}: {r}" for d, r in zip(top.dimension, top.regions)),
+                  soft_wrap=True)
+    err.print(report.summary(), soft_wrap=True)
+
+
+@app.command()
 def models(tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite:///stores/mlflow.db).")) -> None:
     """The model registry: every registered endopheno model version, its tags and aliases."""
     import mlflow

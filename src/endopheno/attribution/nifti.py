@@ -39,7 +39,7 @@ def write_map(path: str | Path, volume, affine) -> Path:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    log.info("wrote %s", path)
+    log.debug("wrote %s", path)
     return path
 
 

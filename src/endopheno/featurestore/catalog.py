@@ -17,6 +17,8 @@ repository (`endopheno sql` finds that root itself). Schemas:
   Zarr, so the catalog stage exports the dosage array to one Parquet file of lists (the phantom's
   90k × 400 calls: 8 MB, a few seconds); wide form is one ``PIVOT`` away (README).
 - ``gwas``: ``results`` and ``hits`` of every run under the GWAS folder, with a ``run`` column.
+- ``attribution``: ``latent_regions`` (every autoencoder's latent dimension → region shares, from
+  ``endopheno attribute``) and ``scores`` (each model's attribution maps scored against a truth map).
 - ``meta``: ``feature_sets``, ``feature_columns``, ``feature_versions`` (one row per version with its
   commit metadata), ``gwas_runs`` (from MLflow, with the feature-set version a run's phenotype file
   came from) and ``lineage`` (GWAS run → feature-set version → model version, MLflow run,
@@ -60,6 +62,7 @@ class CatalogParams:
     covariates: list = field(default_factory=lambda: ["age", "sex"])
     analysis_feature_set: str | None = "atlas_regions"
     tracking_uri: str | None = None
+    attribution: str | None = "stores/attribution"
 
 
 def q(path: str | Path) -> str:
@@ -276,6 +279,21 @@ def _gwas_runs(con, p: CatalogParams, root: Path) -> None:
         FULL JOIN meta.feature_versions v ON v.feature_set = g.feature_set AND v.version = g.feature_set_version""")
 
 
+def _attribution_views(con, p: CatalogParams, root: Path) -> None:
+    """The files `endopheno attribute` wrote under ``<attribution>/<model>/`` (staging folders skipped)."""
+    if not p.attribution:
+        return
+    base = Path(p.attribution)
+    for name, pattern in (("latent_regions", "*/latent_regions.parquet"), ("scores", "*/scores.tsv")):
+        files = [os.path.relpath(f, root) for f in sorted((root / base).glob(pattern)) if not f.parent.name.startswith(".")]
+        if not files:
+            continue
+        read = (f"read_parquet([{', '.join(map(q, files))}], union_by_name=true)" if name == "latent_regions" else
+                f"read_csv([{', '.join(map(q, files))}], delim='\t', header=true, union_by_name=true, filename=true)")
+        model = "" if name == "latent_regions" else "regexp_extract(filename, '([^/]+)/scores.tsv$', 1) AS model, "
+        con.execute(f"CREATE VIEW attribution.{name} AS SELECT {model}* {'EXCLUDE (filename) ' if model else ''}FROM {read}")
+
+
 def build_catalog(p: CatalogParams, root: str | Path = ".") -> dict:
     """Rebuild the catalog from every store (paths in `p` relative to `root`). Returns a summary."""
     t0 = time.perf_counter()
@@ -290,7 +308,7 @@ def build_catalog(p: CatalogParams, root: str | Path = ".") -> dict:
         con = duckdb.connect(str(tmp), config={"storage_compatibility_version": "v1.5.0"})
         # Views hold paths relative to the root and DuckDB binds them when they are created.
         con.execute(f"SET file_search_path = {q(root)}")
-        for schema in ("features", "cohort", "genotypes", "gwas", "meta"):
+        for schema in ("features", "cohort", "genotypes", "gwas", "meta", "attribution"):
             con.execute(f"CREATE SCHEMA {schema}")
         versions = _feature_views(con, p, root)
         _definitions(con, p, root)
@@ -298,6 +316,7 @@ def build_catalog(p: CatalogParams, root: str | Path = ".") -> dict:
         _cohort_views(con, p, root, sorted(versions), genotyped)
         _gwas_views(con, p, root)
         _gwas_runs(con, p, root)
+        _attribution_views(con, p, root)
         con.execute("CREATE TABLE meta.catalog AS SELECT ? AS built, ? AS root", [dt.datetime.now(dt.timezone.utc),
                                                                                  os.path.relpath(root, out.parent)])
         con.close()

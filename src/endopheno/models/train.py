@@ -632,7 +632,9 @@ def register(model: VolumeModel, name: str, report: TrainReport, spec: ModelSpec
 
 def set_champion(name: str, version: str, metric: str | None, higher: bool) -> bool:
     """Give `version` the alias ``champion`` when its cross-validated metric beats the current champion's
-    (or there is none; `metric` None: always). Returns whether it did."""
+    (or there is none; `metric` None: always). Metrics of models reading other input maps or another grid
+    are not comparable (a reconstruction error of T1 vs of log-Jacobian maps): then the new version,
+    which is what params.yaml now asks for, takes the alias. Returns whether it did."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -640,8 +642,10 @@ def set_champion(name: str, version: str, metric: str | None, higher: bool) -> b
         current = client.get_model_version_by_alias(name, "champion")
     except mlflow.exceptions.MlflowException:
         current = None
-    if current is not None and metric is not None and current.tags.get("cv_value"):
-        new = float(client.get_model_version(name, version).tags["cv_value"])
+    tags = client.get_model_version(name, version).tags
+    comparable = current is not None and all(current.tags.get(k) == tags.get(k) for k in ("inputs", "resolution_mm"))
+    if comparable and metric is not None and current.tags.get("cv_value"):
+        new = float(tags["cv_value"])
         old = float(current.tags["cv_value"])
         if (new <= old) if higher else (new >= old):
             log.info("%s version %s (%s %.4f) does not beat champion version %s (%.4f)", name, version, metric, new,
