@@ -29,7 +29,7 @@ def _ball_image(radius: float, n: int = 32) -> tuple[np.ndarray, np.ndarray]:
 def test_log_jacobian_measures_a_planted_volume_change(radius, sign):
     template, mask = _ball_image(5.0)
     subject, _ = _ball_image(radius)
-    logjac = log_jacobian(subject, template, mask, 2.0, MorphometryParams(voxel_mm=2.0))
+    logjac = log_jacobian(subject, template, mask, 2.0, MorphometryParams(levels_mm=[4.0, 2.0], iterations=[50, 20]))
     r = np.sqrt(((np.indices(mask.shape) - (mask.shape[0] - 1) / 2) ** 2).sum(0))
     true = 3 * np.log(radius / 5.0)  # log of the ball's volume ratio
     inside = float(logjac[r < 5].mean())
@@ -44,14 +44,16 @@ def test_log_jacobian_measures_a_planted_volume_change(radius, sign):
 
 def test_identical_images_give_a_flat_map():
     template, mask = _ball_image(5.0)
-    logjac = log_jacobian(template, template, mask, 2.0, MorphometryParams(voxel_mm=4.0))
+    logjac = log_jacobian(template, template, mask, 2.0, MorphometryParams(levels_mm=4.0, iterations=100))
     assert np.abs(logjac).max() < 1e-3
 
 
-def test_voxel_size_must_be_a_multiple_of_the_store():
+def test_levels_must_be_multiples_of_the_store_and_match_iterations():
     template, mask = _ball_image(5.0)
     with pytest.raises(EndophenoError, match="whole multiple"):
-        log_jacobian(template, template, mask, 2.0, MorphometryParams(voxel_mm=3.0))
+        log_jacobian(template, template, mask, 2.0, MorphometryParams(levels_mm=[3.0]))
+    with pytest.raises(EndophenoError, match="one entry per level"):
+        MorphometryParams(levels_mm=[4.0, 2.0], iterations=[100])
 
 
 def test_store_maps_are_incremental(preprocessed_store, tmp_path):
@@ -69,7 +71,7 @@ def test_store_maps_are_incremental(preprocessed_store, tmp_path):
     assert sorted(morphometry(store, workers=1)) == [1, 2]
     assert volume_store_digest(open_mni(store)) == digest
     # new knobs: every map is recomputed, and the store's digest (which models and feature sets record) changes
-    assert len(morphometry(store, MorphometryParams(iterations=20), workers=1)) == 6
+    assert len(morphometry(store, MorphometryParams(iterations=[20]), workers=1)) == 6
     changed = xr.open_zarr(store, group="mni")
     assert volume_store_digest(changed) != digest
     assert not np.allclose(changed["logjac"].values, maps)

@@ -13,8 +13,9 @@ This is tensor-based morphometry (TBM; Ashburner & Friston 2003, in Human Brain 
 
 The deformation: SimpleITK's symmetric-forces demons (Thirion 1998, Med Image Anal 2:243; Vercauteren
 et al. 2008) between the subject's affine-registered, z-scored MNI volume and the template, both
-average-pooled to ``voxel_mm``, the displacement field smoothed by a Gaussian of ``smoothing_voxels``
-after every iteration. Assumes the intensities of both images correspond after z-scoring inside the
+average-pooled to each grid of ``levels_mm`` in turn (coarse to fine, each level starting from the
+last one's field), the displacement field smoothed by a Gaussian of ``smoothing_voxels`` after every
+iteration. Assumes the intensities of both images correspond after z-scoring inside the
 brain mask (a mono-modal T1 to T1 template match; demons' force is the intensity difference). The
 field is interpolated back onto the store's grid and ``log J`` (``J`` clipped at 1e-3 where folding
 would make it non-positive) is stored inside the brain mask, 0 outside.
@@ -56,12 +57,23 @@ class MorphometryParams:
     """``preprocess.morphometry`` of params.yaml (null there: no log-Jacobian maps)."""
 
     modality: str = "T1w"               # the MNI volume registered to the template
-    voxel_mm: float = 4.0               # grid of the demons registration (a whole multiple of the store's voxel)
-    iterations: int = 100
-    smoothing_voxels: float = 1.0       # SD of the Gaussian regularising the displacement field, in voxels of voxel_mm
+    levels_mm: tuple[float, ...] = (4.0,)   # coarse to fine grids of the demons registration (whole multiples of the store's voxel)
+    iterations: tuple[int, ...] = (100,)    # per level
+    smoothing_voxels: float = 1.0       # SD of the Gaussian regularising the displacement field, in voxels of each level
+
+    def __post_init__(self):
+        object.__setattr__(self, "levels_mm", tuple(float(v) for v in _sequence(self.levels_mm)))
+        object.__setattr__(self, "iterations", tuple(int(v) for v in _sequence(self.iterations)))
+        if len(self.levels_mm) != len(self.iterations) or not self.levels_mm:
+            raise EndophenoError(f"preprocess.morphometry: levels_mm {list(self.levels_mm)} and iterations "
+                                 f"{list(self.iterations)} need one entry per level")
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _sequence(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _image(volume: np.ndarray, voxel_mm: float) -> sitk.Image:
@@ -80,22 +92,32 @@ def log_jacobian(volume: np.ndarray, template: np.ndarray, mask: np.ndarray, sto
                  p: MorphometryParams = MorphometryParams()) -> np.ndarray:
     """log J of the demons deformation carrying `template` onto `volume` (both on the store's grid), on
     that grid: > 0 where the subject's tissue is larger than the template's, 0 outside `mask`."""
-    shrink = p.voxel_mm / store_voxel_mm
-    if shrink < 1 or abs(shrink - round(shrink)) > 1e-6:
-        raise EndophenoError(f"preprocess.morphometry.voxel_mm {p.voxel_mm}: must be a whole multiple of the "
-                             f"store's {store_voxel_mm:g} mm")
+    for voxel_mm in p.levels_mm:
+        shrink = voxel_mm / store_voxel_mm
+        if shrink < 1 or abs(shrink - round(shrink)) > 1e-6:
+            raise EndophenoError(f"preprocess.morphometry.levels_mm {voxel_mm:g}: must be a whole multiple of the "
+                                 f"store's {store_voxel_mm:g} mm")
     fixed_full = _image(_zscore(template, mask), store_voxel_mm)
     moving_full = _image(_zscore(volume, mask), store_voxel_mm)
-    factor = [int(round(shrink))] * 3
-    fixed, moving = sitk.BinShrink(fixed_full, factor), sitk.BinShrink(moving_full, factor)
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
-    demons.SetNumberOfIterations(p.iterations)
     demons.SetStandardDeviations(p.smoothing_voxels)
-    field = demons.Execute(fixed, moving)
+    field = None
+    for voxel_mm, iterations in zip(p.levels_mm, p.iterations):
+        factor = [int(round(voxel_mm / store_voxel_mm))] * 3
+        fixed, moving = sitk.BinShrink(fixed_full, factor), sitk.BinShrink(moving_full, factor)
+        demons.SetNumberOfIterations(iterations)
+        if field is None:
+            field = demons.Execute(fixed, moving)
+        else:  # the coarser level's field, interpolated onto this grid, is where this one starts
+            field = demons.Execute(fixed, moving, _onto(field, fixed))
     # back onto the store's grid (physical coordinates: BinShrink keeps them), then the Jacobian there
-    field = sitk.Resample(field, fixed_full, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
+    field = _onto(field, fixed_full)
     jacobian = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(field)).T
     return np.where(mask, np.log(np.clip(jacobian, 1e-3, None)), 0.0).astype(np.float32)
+
+
+def _onto(field: sitk.Image, grid: sitk.Image) -> sitk.Image:
+    return sitk.Resample(field, grid, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
 
 
 def _task(row: int, *, store: str, p: MorphometryParams, template: np.ndarray, mask: np.ndarray, voxel_mm: float) -> int:
