@@ -96,6 +96,11 @@ def test_bad_subject_is_flagged_not_dropped(preprocessed_store, ingested_store, 
     row = list(ds["subject"].values).index("blob")
     assert not bool(ds["qc_pass"].values[row]) and "QC: correlation" in str(ds["note"].values[row])
     assert ds["qc_pass"].values.sum() == 6
+    # the log-Jacobian maps grew with the store (readable above) and only the new subject's is computed
+    from endopheno.volumes.morphometry import morphometry
+
+    assert np.isnan(ds["logjac"].values[row]).all()
+    assert morphometry(store, workers=1) == [row]
     table = qc_table(ds)
     assert table.loc[table.subject == "blob", "qc_pass"].item() is False or not table.loc[table.subject == "blob", "qc_pass"].item()
     png = montage(ds, tmp_path / "montage.png")

@@ -278,15 +278,14 @@ def _create(store: Path, p: PreprocessParams) -> zarr.Group:
     return g
 
 
-PER_SUBJECT = ("subject", "template_to_native", "qc_correlation", "qc_pass", "source_sha256", "note")
-
-
 def _append_rows(g: zarr.Group, modality: str, labels: list[str]) -> None:
     n0 = g["subject"].shape[0]
     n1 = n0 + len(labels)
-    for name in (*PER_SUBJECT, modality):
-        arr = g[name]
-        arr.resize((n1, *arr.shape[1:]))
+    # Every per-subject array grows together (the log-Jacobian maps of morphometry too, NaN until
+    # computed): arrays of different lengths along `subject` would make the group unreadable as a Dataset.
+    for _, arr in g.arrays():
+        if (arr.metadata.dimension_names or [None])[0] == "subject":
+            arr.resize((n1, *arr.shape[1:]))
     g["subject"][n0:n1] = np.array(labels, dtype=object)
     g["source_sha256"][n0:n1] = np.array([""] * len(labels), dtype=object)
     g["note"][n0:n1] = np.array([""] * len(labels), dtype=object)
