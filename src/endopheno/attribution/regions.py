@@ -171,13 +171,16 @@ def latent_regions(model: VolumeModel, latents, atlas: Atlas, k: float = 2.0, *,
 
 def top_regions(table: pd.DataFrame, n: int = 3, *, background: bool = False) -> pd.DataFrame:
     """Each dimension's `n` regions with the largest share (``background`` left out unless asked), one row
-    per dimension: ``dimension``, ``regions`` ("hippocampus_L 0.41, amygdala_L 0.12, ..."), and the
+    per dimension: ``dimension``, ``regions`` ("hippocampus_L 4.1% (3.2×), amygdala_L 1.2% (2.0×), ..."), and the
     first region with its share and enrichment (``top_region``, ``top_share``, ``top_enrichment``)."""
     rows = table if background else table[table["region"] != BACKGROUND]
     rows = rows.dropna(subset=["share"]).sort_values(["dimension", "share"], ascending=[True, False], kind="stable")
     rows = rows.groupby("dimension", sort=True).head(n)
     out = rows.groupby("dimension", sort=True).agg(
-        regions=("region", list), shares=("share", list), top_region=("region", "first"),
+        regions=("region", list), shares=("share", list), enrichments=("enrichment", list), top_region=("region", "first"),
         top_share=("share", "first"), top_enrichment=("enrichment", "first")).reset_index()
-    out["regions"] = [", ".join(f"{r} {s:.2f}" for r, s in zip(rs, ss)) for rs, ss in zip(out.regions, out.shares)]
-    return out.drop(columns="shares")
+    # share of the change, and enrichment (share ÷ the region's share of brain voxels): small regions hold
+    # a small share of any change, so the enrichment is what says a dimension is about them
+    out["regions"] = [", ".join(f"{r} {100 * s:.1f}% ({e:.1f}×)" for r, s, e in zip(rs, ss, es))
+                      for rs, ss, es in zip(out.regions, out.shares, out.enrichments)]
+    return out.drop(columns=["shares", "enrichments"])
