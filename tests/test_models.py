@@ -284,3 +284,17 @@ def test_number_knobs_written_without_a_dot_are_numbers_and_words_are_refused():
         from_section(ModelSpec, {"name": "m", "architecture": "cnn3d", "learning_rate": "fast"}, "train.models.m")
     with pytest.raises(EndophenoError, match="epochs: '2.5' is not a whole number"):
         from_section(ModelSpec, {"name": "m", "architecture": "cnn3d", "epochs": "2.5"}, "train.models.m")
+
+
+def test_the_svr_baseline_predicts_a_target_far_from_zero_in_its_units():
+    """Ages around 72: an SVR fitted on the raw target, its intercept penalised, predicted ~20 years (MAE 49)."""
+    from endopheno.models.splits import Split
+    from endopheno.models.train import linear_baseline
+
+    rng = np.random.default_rng(0)
+    voxels = rng.standard_normal((120, 300))
+    age = 72 + 6 * voxels[:, :10].mean(1) * np.sqrt(10) + rng.normal(0, 1, 120)   # SD ~6 years around 72
+    split = Split(0, np.arange(0, 80), np.arange(80, 100), np.arange(100, 120))
+    svr = linear_baseline("regression", voxels, age, split, (1e-4, 1e-3, 1e-2, 1e-1))
+    assert svr["mae"] < 0.8 * age.std() and svr["r"] > 0.4, svr   # 300 voxels, 80 subjects: a weak fit, but in years
+

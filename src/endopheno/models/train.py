@@ -280,6 +280,12 @@ def linear_baseline(task: str, voxels: np.ndarray, target: np.ndarray, split: Sp
         return {"balanced_accuracy": math.nan, "auc": math.nan}
     mean, sd = voxels[split.train].mean(0), voxels[split.train].std(0) + 1e-6
     z = (voxels - mean) / sd
+    units = target
+    if task == "regression":
+        # liblinear penalises the intercept too: on a raw target (ages ~70) a strong penalty pulls every
+        # prediction toward 0, so the SVR fits the training subjects' standardised target
+        t_mean, t_sd = float(target[split.train].mean()), float(target[split.train].std() + 1e-9)
+        target = (target - t_mean) / t_sd
     make = (lambda c: LinearSVC(C=c, max_iter=20000)) if task == "classification" else (lambda c: LinearSVR(C=c, max_iter=20000))
 
     def score(model, rows):
@@ -293,7 +299,7 @@ def linear_baseline(task: str, voxels: np.ndarray, target: np.ndarray, split: Sp
     model = make(best).fit(z[fit_rows], target[fit_rows])
     if task == "classification":
         return scores(task, 1 / (1 + np.exp(-model.decision_function(z[split.test]))), target[split.test])
-    return scores(task, model.predict(z[split.test]), target[split.test])
+    return scores(task, model.predict(z[split.test]) * t_sd + t_mean, units[split.test])
 
 
 # ------------------------------------------------------------------------------------------------ the run
