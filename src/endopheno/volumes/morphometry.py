@@ -130,7 +130,8 @@ def _task(row: int, *, store: str, p: MorphometryParams, template: np.ndarray, m
 
 
 def _arrays(g: zarr.Group, p: MorphometryParams, n: int, grid: tuple[int, int, int]) -> None:
-    """Create (or size to `n` subjects) the map and its done-marker; new knobs reset every row."""
+    """Create the map and its done-marker (preprocessing grows them with every new subject, as all
+    per-subject arrays); new knobs reset every row."""
     if MAP in g and g[MAP].attrs.get("params_digest") != p.digest():
         log.info("morphometry parameters changed: every log-Jacobian map is recomputed")
         del g[MAP], g[DONE]
@@ -143,10 +144,6 @@ def _arrays(g: zarr.Group, p: MorphometryParams, n: int, grid: tuple[int, int, i
         g.create_array(DONE, shape=(n,), chunks=(1024,), dtype=str, dimension_names=["subject"],
                        attributes={"description": "source_sha256 of the volume the logjac row was computed from; empty until done"})
         g[DONE][:] = np.array([""] * n, dtype=object)
-    elif g[MAP].shape[0] != n:
-        n0 = g[MAP].shape[0]
-        g[MAP].resize((n, *grid)), g[DONE].resize((n,))
-        g[DONE][n0:] = np.array([""] * (n - n0), dtype=object)
 
 
 def morphometry(store: str | Path, p: MorphometryParams = MorphometryParams(), *, workers: int | None = None,
