@@ -7,7 +7,7 @@ The second form computes the log-Jacobian maps afresh for the first N subjects w
 MM[,MM...][:ITERATIONS,...]` setting (`preprocess.morphometry.levels_mm` / `iterations`), one process,
 and reports the time per subject beside the correlations, side by side on the same subjects.
 
-For each true region of the phantom (ground_truth/region_labels.nii.gz, on the store's grid): the mean
+For each true region of the phantom (atlas/regions.nii.gz, on the store's grid): the mean
 of each map of the MNI store (the z-scored T1 and, when present, the log-Jacobian `logjac`) inside the
 region, its correlation with the true log volume relative to head size (what a template-space map can
 see: the affine step removes head size), and AD vs CN from the nine region means (logistic
@@ -52,7 +52,7 @@ if __name__ == "__main__":
     if a.subjects:
         ds = ds.isel(subject=slice(0, a.subjects))
     affine = np.asarray(ds.attrs["affine"])
-    labels_img = nib.load(f"{a.phantom}/ground_truth/region_labels.nii.gz")
+    labels_img = nib.load(f"{a.phantom}/atlas/regions.nii.gz")
     labels = resample(np.asarray(labels_img.dataobj, np.float32), labels_img.affine, ds.brain_mask.shape, affine, order=0)
     regions = pd.read_csv(f"{a.phantom}/ground_truth/regions.tsv", sep="\t")
     truth = pd.read_csv(f"{a.phantom}/ground_truth/subjects.tsv", sep="\t").set_index("subject_id")

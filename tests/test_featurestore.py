@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ import yaml
 from deltalake import DeltaTable
 
 from conftest import ROOT, cli
+from endopheno.errors import InputError
 from endopheno.featurestore.store import SchemaChangeError, history, open_table, write_version
 
 PROVENANCE = {"git_revision": "abc", "mlflow_run_id": "r", "model_name": "m", "model_version": "1",
@@ -46,12 +48,15 @@ def repo(phantom_dir, preprocessed_store, tmp_path_factory) -> Path:
     import_genotypes(BedSource(phantom_dir / "genotypes" / "phantom"), root / "stores" / "genotypes" / "phantom",
                      ImportParams(pca=PCAParams(pcs=3)))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["features"].update(volumes=str(preprocessed_store), workers=1, tracking_uri="sqlite:///stores/mlflow.db")
+    params["features"].update(volumes=str(preprocessed_store), workers=1, tracking_uri="sqlite:///stores/mlflow.db",
+                              atlas=None)   # the geometric lobes: their volumes must add up to the brain's
     params["catalog"].update(participants=str(phantom_dir / "bids" / "participants.tsv"))
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    cli("features", "build", "atlas_regions", cwd=root, check=0)
     definition = root / "features" / "atlas_regions.yaml"
-    definition.write_text(definition.read_text().replace('version: "1"', 'version: "2"'))
+    producer_version = re.compile(r'\n  version: "\d+"')
+    definition.write_text(producer_version.sub('\n  version: "1"', definition.read_text()))
+    cli("features", "build", "atlas_regions", cwd=root, check=0)
+    definition.write_text(producer_version.sub('\n  version: "2"', definition.read_text()))
     time.sleep(0.05)
     cli("features", "build", "atlas_regions", cwd=root, check=0)
     cli("catalog", cwd=root, check=0)
@@ -78,17 +83,42 @@ def test_atlas_set_has_two_versions_with_provenance_and_time_travel(repo, prepro
 
     # Plausible measurements: 6 subjects, positive native volumes, lobes add up to at most the brain.
     assert len(old) == 6 and old.session.isna().all()
-    volumes = old.filter(like="_volume_mm3")
-    assert (volumes > 0).all().all()
-    lobes = volumes.drop(columns="whole_brain_volume_mm3").sum(axis=1)
-    assert ((lobes <= old.whole_brain_volume_mm3 + 1e-6) & (lobes > 0.9 * old.whole_brain_volume_mm3)).all()
+    for kind in ("volume_mm3", "tbm_volume_mm3"):   # grey matter; everything, by the log-Jacobian maps
+        volumes = old.filter(regex=f"(?<!tbm)_{kind}$" if kind == "volume_mm3" else f"_{kind}$")
+        assert (volumes > 0).all().all()
+        whole = old[f"whole_brain_{kind}"]
+        lobes = volumes.drop(columns=f"whole_brain_{kind}").sum(axis=1)
+        assert ((lobes <= whole * (1 + 1e-9)) & (lobes > 0.9 * whole)).all()
     assert 3e5 < old.whole_brain_volume_mm3.median() < 1.5e6
+    assert (old.whole_brain_tbm_volume_mm3 > 1.2 * old.whole_brain_volume_mm3).all()   # grey matter is part of it
     assert old.filter(like="_mean_t1").abs().max().max() < 3
 
     history_out = cli("features", "history", "atlas_regions", cwd=repo, check=0).stdout
     assert versions[1]["mlflow_run_id"][:8] in history_out and "volume_store_digest" in history_out
     assert "whole_brain_volume_mm3" not in cli("features", "list", cwd=repo, check=0).stdout
     assert "{region}_volume_mm3" in cli("features", "show", "atlas_regions", cwd=repo, check=0).stdout
+
+
+def test_the_phantom_atlas_lands_on_the_store_grid(phantom_dir, preprocessed_store):
+    """The phantom's atlas (1 mm label image + index/name table) resampled to the 2 mm store: every region
+    keeps its name and about its template volume; a region named like a measurement is refused."""
+    from endopheno.featurestore.atlas import atlas_from_files
+    from endopheno.phantom.regions import REGIONS
+    from endopheno.volumes.preprocess import open_mni
+
+    ds = open_mni(preprocessed_store)
+    affine = np.asarray(ds.attrs["affine"])
+    atlas = atlas_from_files(phantom_dir / "atlas" / "regions.nii.gz", phantom_dir / "atlas" / "regions.tsv",
+                             ds.brain_mask.shape, affine)
+    assert atlas.names == tuple(r.name for r in REGIONS)
+    truth = pd.read_csv(phantom_dir / "ground_truth" / "regions.tsv", sep="\t").set_index("region")
+    voxel = abs(np.linalg.det(affine[:3, :3]))
+    for k, name in enumerate(atlas.names, start=1):
+        assert abs((atlas.labels == k).sum() * voxel / truth.loc[name, "template_volume_mm3"] - 1) < 0.25
+    bad = phantom_dir.parent / "bad_regions.tsv"
+    bad.write_text("index\tname\n1\twhole_brain\n")
+    with pytest.raises(InputError, match="reserved"):
+        atlas_from_files(phantom_dir / "atlas" / "regions.nii.gz", bad, ds.brain_mask.shape, affine)
 
 
 def test_grey_matter_volume_tracks_the_truth(repo, phantom_dir):

@@ -321,3 +321,28 @@ def test_min_maf_and_min_mac_filter_variants(study, tmp_path):
     expected = (minor / called >= 0.2) & (minor >= 150)
     tested = set(pq.read_table(tmp_path / "results", columns=["id"]).column("id").to_pylist())
     assert tested == set(bed.variants["id"][expected]) and summary.filtered == (~expected).sum() > 0
+
+
+def test_dead_and_constant_phenotypes_are_left_out_and_recorded(study, tmp_path):
+    """A feature that is zero for all but two samples would give meaningless giant t-statistics: it is not
+    tested, nor is a constant one; the reasons are in summary.json; inverse_normal keeps the ranks."""
+    from scipy import stats
+
+    from endopheno.gwas.phenotypes import Aligned, inverse_normal
+
+    pheno = pd.read_csv(study.parent / "pheno.tsv", sep="\t")
+    pheno["dead"] = 0.0
+    pheno.loc[[3, 9], "dead"] = [0.2, 0.5]
+    pheno["const"] = 1.0
+    pheno[["#FID", "IID", "y0", "dead", "const"]].to_csv(tmp_path / "pheno.tsv", sep="\t", index=False, na_rep="NA")
+    run = cli("gwas", "--bfile", str(study), "--pheno", str(tmp_path / "pheno.tsv"), "--covar",
+              str(study.parent / "covar.tsv"), "--out", str(tmp_path / "out"), "--no-mlflow", "--workers", "1", check=0)
+    assert "2 phenotypes not tested" in run.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [row["phenotype"] for row in summary["phenotypes"]] == ["y0"]
+    assert set(summary["phenotypes_left_out"]) == {"dead", "const"} and "share one value" in summary["phenotypes_left_out"]["dead"]
+
+    y = np.array([[3.0, np.nan], [1.0, 5.0], [2.0, 4.0], [100.0, 6.0]])
+    z = inverse_normal(Aligned(y, ["a", "b"])).values
+    assert (stats.rankdata(z[:, 0]) == stats.rankdata(y[:, 0])).all() and np.isnan(z[0, 1])
+    assert abs(z[:, 0].mean()) < 1e-12 and z[3, 0] == pytest.approx(stats.norm.ppf((4 - 0.375) / 4.25))

@@ -84,8 +84,10 @@ def test_ground_truth_files(phantom_dir):
     subjects = pd.read_csv(gt / "subjects.tsv", sep="\t")
     for r in REGIONS:
         assert (subjects[f"volume_{r.name}"] > 0).all()
-    labels = nib.load(gt / "region_labels.nii.gz")
+    labels = nib.load(phantom_dir / "atlas" / "regions.nii.gz")
     assert set(np.unique(np.asarray(labels.dataobj))) == {0, *[r.label for r in REGIONS]}
+    table = pd.read_csv(phantom_dir / "atlas" / "regions.tsv", sep="\t")
+    assert dict(zip(table["name"], table["index"])) == {r.name: r.label for r in REGIONS}
     atrophy = np.asarray(nib.load(gt / "ad_atrophy_map.nii.gz").dataobj)
     lab = np.asarray(labels.dataobj)
     assert atrophy[lab == BY_NAME["hippocampus_L"].label].mean() > 0.1   # AD shrinks the hippocampus

@@ -176,6 +176,7 @@ def gwas(
     min_mac: Optional[float] = typer.Option(None, help="Skip variants below this minor allele count."),
     device: Optional[str] = typer.Option(None, help="cpu | cuda | auto: where the big product runs."),
     block_variants: Optional[int] = typer.Option(None, help="Variants per block (memory ∝ block × samples)."),
+    transform: Optional[str] = typer.Option(None, help="Phenotype transform: none | inverse_normal (rank-based)."),
     mlflow: bool = typer.Option(True, help="Record the run in MLflow."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: sqlite:///stores/mlflow.db)."),
     params: Path = typer.Option(Path("params.yaml"), help="Parameter file; its `gwas` section gives the defaults."),
@@ -184,7 +185,7 @@ def gwas(
 ) -> None:
     """Test every phenotype against every variant (linear regression with covariates, exact like plink2 --glm)."""
     from endopheno.genotypes.sources import open_source
-    from endopheno.gwas.phenotypes import Aligned, align, read_table
+    from endopheno.gwas.phenotypes import Aligned, align, inverse_normal, read_table, screen
     from endopheno.gwas.results import ClumpParams
     from endopheno.gwas.run import GwasOptions, scan
     from endopheno.gwas.study import StudySettings, analyse, track
@@ -195,7 +196,11 @@ def gwas(
     given = {"missing": missing, "precision": precision, "min_maf": min_maf, "min_mac": min_mac, "device": device,
              "block_variants": block_variants, "workers": workers, "scheduler": scheduler}
     options = from_section(GwasOptions, {**section, **{k: v for k, v in given.items() if v is not None}}, "gwas",
-                           ignore={"genome_wide", "clump", "tracking_uri"})
+                           ignore={"genome_wide", "clump", "tracking_uri", "feature_sets", "out", "transform",
+                                   "max_tied_fraction"})
+    transform = transform or section.get("transform") or "none"
+    if transform not in ("none", "inverse_normal"):
+        raise EndophenoError(f"gwas: transform must be none or inverse_normal, not {transform!r}")
     settings = StudySettings(genome_wide=section.get("genome_wide", 5e-8), clump=ClumpParams(**section.get("clump", {})))
     if (pheno is None) == (feature_set is None):
         raise EndophenoError("gwas: give exactly one of --pheno FILE or --feature-set NAME[@VERSION]")
@@ -206,7 +211,15 @@ def gwas(
             genotypes = store
     source = open_source(bfile=bfile, pfile=pfile, store=genotypes)
     split = (lambda names: [n.strip() for n in names.split(",") if n.strip()] if names else None)
-    phenotypes = align(read_table(pheno, split(pheno_name)), source.samples)
+    phenotypes, left_out = screen(align(read_table(pheno, split(pheno_name)), source.samples),
+                                  section.get("max_tied_fraction", 0.5))
+    if left_out:
+        err.print(f"[yellow]{len(left_out)} phenotypes not tested[/yellow] (first: "
+                  + "; ".join(f"{k}: {v}" for k, v in list(left_out.items())[:3]) + ")", soft_wrap=True)
+    if not phenotypes.names:
+        raise EndophenoError(f"gwas: no phenotype of {pheno} is fit to test (see above)")
+    if transform == "inverse_normal":
+        phenotypes = inverse_normal(phenotypes)
     covariates = align(read_table(covar, split(covar_name), kind="covariate"), source.samples) if covar else None
     if pcs:
         columns = [f"pc{i}" for i in range(1, pcs + 1)]
@@ -224,12 +237,13 @@ def gwas(
         err.print(f"{without} of {len(source.samples)} genotyped samples have no phenotype value")
 
     summary = scan(source, phenotypes, covariates, out, options)
-    study = analyse(out, source, phenotypes, covariates, settings)
+    study = analyse(out, source, phenotypes, covariates, settings, left_out=left_out)
     run_id = None
     if mlflow:
         inputs = {"genotypes": str(source.path), "genotypes_digest": getattr(source, "digest", ""),
                   "pheno": str(pheno), "pheno_sha256": file_sha256(pheno), "phenotypes": len(phenotypes.names),
-                  "covariates": ",".join(covariates.names) if covariates else "", **lineage}
+                  "covariates": ",".join(covariates.names) if covariates else "", "transform": transform,
+                  "phenotypes_left_out": len(left_out), **lineage}
         scan_record = json.loads((out / "scan.json").read_text())
         run_id = track(out, study, scan_record, inputs, uri=tracking_uri or section.get("tracking_uri"), settings=settings)
     untested = sum(summary.untested.values())
@@ -240,6 +254,32 @@ def gwas(
               + f"; {study['hits_genome_wide']} genome-wide hits in "
               f"{study['loci']} loci ({study['loci_study_wide']} study-wide); results in {out}"
               + (f"; MLflow run {run_id}" if run_id else ""), soft_wrap=True)
+
+
+@app.command()
+def validate(
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: params.yaml validate.out)."),
+    params: Path = typer.Option(Path("params.yaml"), help="Parameter file; its `validate` section is used."),
+) -> None:
+    """Score each feature set's GWAS against the planted causal variants (the phantom's truth): planted loci
+    found at the study-wide threshold, loci found that were not planted, λGC."""
+    import pyarrow as pa
+
+    from endopheno.params import load_params
+    from endopheno.validation import validate as validate_chain
+
+    p = {"gwas": "stores/gwas", "out": "stores/validation", "window_kb": 500.0, **(load_params("validate", params) or {})}
+    if not p.get("causal") or not p.get("feature_sets"):
+        raise EndophenoError("validate: params.yaml validate needs causal (the planted variants) and feature_sets")
+    record = validate_chain(p["gwas"], p["feature_sets"], p["causal"], out or p["out"], p["window_kb"])
+    rows = [{"feature set": name, "planted loci found": f"{s['found']} of {s['planted']}", "false loci": s["false_loci"],
+             "λGC (median)": f"{s['lambda_gc_median']:.3f}", "phenotypes": s["phenotypes"],
+             "study-wide p": f"{s['study_wide_threshold']:.1e}"} for name, s in record["feature_sets"].items()]
+    if rows:
+        _print_table(pa.Table.from_pylist(rows), "the chain against the planted truth")
+    for name, reason in record["missing"].items():
+        err.print(f"[yellow]validate: {name}: {reason}[/yellow]", soft_wrap=True)
+    err.print(f"validate: {len(rows)} feature sets scored, written to {out or p['out']}")
 
 
 features_app = typer.Typer(no_args_is_help=True, help="Feature sets: definitions in features/, versions in stores/features/.")
@@ -563,6 +603,21 @@ def _report_attribution(report) -> None:
         err.print("latent → regions (first dimensions): " + "; ".join(f"{d}: {r}" for d, r in zip(top.dimension, top.regions)),
                   soft_wrap=True)
     err.print(report.summary(), soft_wrap=True)
+
+
+@app.command()
+def report(params: Path = typer.Option(Path("params.yaml"), help="Parameter file; its `report` section is used if present.")) -> None:
+    """Write the report folder (stores/report: index.html, the figures as PNG, report.json): cohort, QC,
+    models, attribution, GWAS, validation and lineage. A section whose input is missing names the command
+    that writes it."""
+    from endopheno.params import load_params
+    from endopheno.report import build_report, load_report_params
+
+    section = load_params(None, params).get("report") if params.exists() else None
+    summary = build_report(load_report_params(section))
+    for reason in summary.missing:
+        err.print(f"[yellow]missing[/yellow] {reason}", soft_wrap=True)
+    err.print(summary.line(), soft_wrap=True)
 
 
 @app.command()

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 BACKGROUND = "background"
 COLUMNS = ("dimension", "region", "share", "rank", "voxels", "enrichment")
 
-__all__ = ["BACKGROUND", "COLUMNS", "dimension_names", "latent_change", "latent_regions", "region_atlas",
+__all__ = ["BACKGROUND", "COLUMNS", "dimension_names", "latent_change", "latent_regions",
            "region_shares", "top_regions"]
 
 
@@ -44,36 +44,6 @@ def dimension_names(n: int, template: str = "f{dimension}") -> list[str]:
     """The feature-set column names of `n` latent dimensions: ``f000`` … (the ``per: dimension`` column of
     features/ae_t1.yaml, its dimension numbered ``{d:03d}`` as `endopheno.models.extract.to_table` does)."""
     return [template.format(dimension=f"{d:03d}") for d in range(n)]
-
-
-def region_atlas(labels: str | Path, table: str | Path, shape: tuple[int, int, int], affine) -> Atlas:
-    """A label image (any grid with a true affine, e.g. the phantom's 1 mm ``region_labels.nii.gz``)
-    resampled to the grid (`shape`, `affine`) by nearest neighbour (nilearn), with the region names of its
-    table: a TSV with columns ``index, name`` (as `features.atlas`) or ``label, region`` (the phantom's
-    ``regions.tsv``). Returns an `Atlas` whose labels are 1..n in table order (0 = no region)."""
-    import nibabel as nib
-    from nilearn.image import resample_img
-
-    try:
-        img = nib.load(str(labels))
-        names = pd.read_csv(table, sep="\t")
-    except (OSError, ValueError) as e:
-        raise InputError(labels, f"cannot read the region atlas ({e})") from None
-    if {"index", "name"} <= set(names.columns):
-        index, name = names["index"], names["name"]
-    elif {"label", "region"} <= set(names.columns):
-        index, name = names["label"], names["region"]
-    else:
-        raise InputError(table, "the region table needs columns index and name (or label and region)")
-    if BACKGROUND in set(name.astype(str)):
-        raise InputError(table, f"{BACKGROUND!r} is reserved for brain voxels in no region")
-    on_grid = resample_img(img, target_affine=np.asarray(affine, dtype=np.float64), target_shape=tuple(shape),
-                           interpolation="nearest", force_resample=True, copy_header=True)
-    data = np.asarray(on_grid.dataobj).astype(np.int64)
-    out = np.zeros(tuple(shape), dtype=np.int16)
-    for new, (i, n) in enumerate(zip(index, name), start=1):
-        out[data == int(i)] = new
-    return Atlas(out, tuple(str(n) for n in name), f"{labels} + {table}")
 
 
 def _decoder(model: VolumeModel):
@@ -164,7 +134,7 @@ def region_shares(change, atlas: Atlas, mask, dimensions: list[str] | None = Non
 def latent_regions(model: VolumeModel, latents, atlas: Atlas, k: float = 2.0, *,
                    dimensions: list[str] | None = None, batch_size: int = 16) -> pd.DataFrame:
     """The latent-to-region table of an autoencoder: `latent_change` summarised by `region_shares` inside
-    the model's brain mask. `atlas` must lie on the model's grid (`region_atlas` with ``model.affine``)."""
+    the model's brain mask. `atlas` must lie on the model's grid (`endopheno.featurestore.atlas.atlas_from_files` with ``model.affine``)."""
     change = latent_change(model, latents, k, batch_size=batch_size)
     return region_shares(change, atlas, model.mask.cpu().numpy(), dimensions or dimension_names(len(change)))
 

@@ -478,13 +478,15 @@ def _latent_regions(p: AttributeParams, model: VolumeModel, name: str, version: 
                     report: AttributionReport) -> None:
     import mlflow
 
-    from endopheno.attribution.regions import latent_regions, region_atlas, top_regions
+    from endopheno.attribution.regions import BACKGROUND, latent_regions, top_regions
+    from endopheno.featurestore.atlas import atlas_from_files
     from endopheno.models.data import task_data
 
     if p.regions is None:
         report.notes.append("no latent-to-region map: attribute.regions names no label image")
         return
-    atlas = region_atlas(p.regions["labels"], p.regions["table"], tuple(model.mask.shape), model.affine)
+    atlas = atlas_from_files(p.regions["labels"], p.regions["table"], tuple(model.mask.shape), model.affine,
+                             reserved=(BACKGROUND,))
     data = task_data(ds, p.participants, "reconstruction")
     latents = []
     with torch.no_grad():

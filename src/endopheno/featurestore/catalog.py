@@ -158,11 +158,12 @@ def _cohort_views(con, p: CatalogParams, root: Path, feature_sets: list[str], ge
         con.execute(f"CREATE VIEW cohort.participants AS SELECT regexp_replace(participant_id, '^sub-', '') AS subject_id, "
                     f"* FROM read_csv({q(p.participants)}, delim='\t', header=true, nullstr='n/a')")
     if p.imaging_qc and (root / p.imaging_qc).exists():
-        con.execute(f"CREATE VIEW cohort.imaging_qc AS SELECT subject AS subject_id, qc_correlation, qc_pass, note "
-                    f"FROM read_csv({q(p.imaging_qc)}, delim='\t', header=true, types={{'subject': 'VARCHAR', 'note': 'VARCHAR'}})")
+        con.execute(f"CREATE VIEW cohort.imaging_qc AS SELECT subject AS subject_id, qc_correlation, qc_pass, note, "
+                    f"etiv_mm3 FROM read_csv({q(p.imaging_qc)}, delim='\t', header=true, "
+                    f"types={{'subject': 'VARCHAR', 'note': 'VARCHAR', 'etiv_mm3': 'DOUBLE'}})")
     else:
         con.execute("CREATE VIEW cohort.imaging_qc AS SELECT NULL::VARCHAR AS subject_id, NULL::DOUBLE AS qc_correlation, "
-                    "NULL::BOOLEAN AS qc_pass, NULL::VARCHAR AS note WHERE false")
+                    "NULL::BOOLEAN AS qc_pass, NULL::VARCHAR AS note, NULL::DOUBLE AS etiv_mm3 WHERE false")
     if not p.participants or not genotyped:
         return
     pc_cols = pc_columns(con)
@@ -178,6 +179,9 @@ def _cohort_views(con, p: CatalogParams, root: Path, feature_sets: list[str], ge
             con.execute(f"CREATE VIEW cohort.{kind} AS SELECT * FROM cohort.{ident(kind + '_' + p.analysis_feature_set)}")
 
 
+IMAGING_COVARIATES = ("etiv_mm3",)   # measured by preprocessing (volumes/qc.py), not in participants.tsv
+
+
 def pc_columns(con) -> str:
     """The genotype store's PC columns, as the select list of the cohort join."""
     names = [r[0] for r in con.execute("SELECT column_name FROM (DESCRIBE genotypes.samples)").fetchall()]
@@ -185,13 +189,15 @@ def pc_columns(con) -> str:
 
 
 def joined_select(features: str, covariates: list[str], pc_cols: str) -> str:
-    """The cohort join of one feature relation (a set's latest view or a pinned ``<set>_v<N>``)."""
-    missing_covariate = " OR ".join(f"p.{ident(c)} IS NULL" for c in covariates) or "false"
-    covariate_names = ", ".join(f"CASE WHEN p.{ident(c)} IS NULL THEN {q(c)} END" for c in covariates) or "''"
+    """The cohort join of one feature relation (a set's latest view or a pinned ``<set>_v<N>``). A covariate
+    is a participants column, or one of `IMAGING_COVARIATES` (from the imaging QC table)."""
+    source = {c: ("qc" if c in IMAGING_COVARIATES else "p") + f".{ident(c)}" for c in covariates}
+    missing_covariate = " OR ".join(f"{source[c]} IS NULL" for c in covariates) or "false"
+    covariate_names = ", ".join(f"CASE WHEN {source[c]} IS NULL THEN {q(c)} END" for c in covariates) or "''"
     # Joins in order; a subject's `dropped_at` is the first one it fails, so the counts per step
     # add up and the report says why each subject is missing from the analysis cohort.
     return f"""
-        SELECT f.*, {', '.join(f'p.{ident(c)}' for c in covariates)}{', ' if covariates else ''}
+        SELECT f.*, {', '.join(source[c] for c in covariates)}{', ' if covariates else ''}
                s.fid, s.iid{', ' + pc_cols if pc_cols else ''},
                CASE WHEN NOT coalesce(qc.qc_pass, false) THEN 'imaging_qc'
                     WHEN p.subject_id IS NULL THEN 'participants'

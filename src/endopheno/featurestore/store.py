@@ -148,23 +148,33 @@ def _writer_lock(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def check_schema(path: str | Path, schema: pa.Schema, schema_version) -> str | None:
+    """Whether a version with `schema` may follow the latest one: None (no table yet, or the same columns),
+    ``"overwrite"`` (other columns and a higher `schema_version`), else `SchemaChangeError`. Builders call
+    it before measuring, so that a forgotten schema_version bump fails in seconds, not after the work."""
+    if not DeltaTable.is_deltatable(str(path)):
+        return None
+    current = DeltaTable(str(path))
+    old, new = dict(_fields(current.schema())), dict(_fields(schema))
+    if old == new:
+        return None
+    if int(schema_version or 0) <= int(latest_metadata(current)["schema_version"] or 0):
+        changed = sorted(set(old) ^ set(new)) + sorted(k for k in set(old) & set(new) if old[k] != new[k])
+        raise SchemaChangeError(
+            f"{path}: the columns changed ({', '.join(changed[:6])}{' …' if len(changed) > 6 else ''}) but "
+            f"schema_version is still {schema_version}: a breaking change needs a higher "
+            f"schema_version in the feature set's definition")
+    return "overwrite"
+
+
 def _write_version(path: Path, table: pa.Table, meta: dict, commit_id: str, attempts: int) -> WriteResult:
     for attempt in range(1, attempts + 1):
         schema_mode = None
         if DeltaTable.is_deltatable(str(path)):
-            current = DeltaTable(str(path))
-            latest = latest_metadata(current)
+            latest = latest_metadata(DeltaTable(str(path)))
             if latest["input_digest"] == meta["input_digest"]:
                 return WriteResult(latest["version"], created=False)
-            if _fields(current.schema()) != _fields(table.schema):
-                if int(meta["schema_version"] or 0) <= int(latest["schema_version"] or 0):
-                    old, new = dict(_fields(current.schema())), dict(_fields(table.schema))
-                    changed = sorted(set(old) ^ set(new)) + sorted(k for k in set(old) & set(new) if old[k] != new[k])
-                    raise SchemaChangeError(
-                        f"{path}: the columns changed ({', '.join(changed[:6])}{' …' if len(changed) > 6 else ''}) but "
-                        f"schema_version is still {meta['schema_version']}: a breaking change needs a higher "
-                        f"schema_version in the feature set's definition")
-                schema_mode = "overwrite"
+            schema_mode = check_schema(path, table.schema, meta["schema_version"])
         try:
             write_deltalake(str(path), table, mode="overwrite", schema_mode=schema_mode,
                             commit_properties=CommitProperties(custom_metadata={**meta, COMMIT_ID: commit_id}))

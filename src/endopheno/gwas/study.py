@@ -25,8 +25,10 @@ class StudySettings:
     top_hits: int = 100             # rows of the top-hits table logged to MLflow
 
 
-def analyse(out: str | Path, source, phenotypes, covariates, settings: StudySettings | None = None) -> dict:
-    """Write summary.json, hits.parquet, loci.parquet, leads.parquet and plots/ into `out`."""
+def analyse(out: str | Path, source, phenotypes, covariates, settings: StudySettings | None = None,
+            left_out: dict[str, str] | None = None) -> dict:
+    """Write summary.json, hits.parquet, loci.parquet, leads.parquet and plots/ into `out`. `left_out`:
+    phenotypes screened out before the scan (name -> reason), recorded in the summary."""
     settings = settings or StudySettings()
     out = Path(out)
     plots = out / "plots"
@@ -62,7 +64,7 @@ def analyse(out: str | Path, source, phenotypes, covariates, settings: StudySett
     per_phenotype = per_phenotype.fillna({"hits": 0, "loci": 0}).astype({"hits": int, "loci": int})
     summary = {
         "thresholds": thresholds, "clump": asdict(clump),
-        "phenotypes": per_phenotype.to_dict(orient="records"),
+        "phenotypes": per_phenotype.to_dict(orient="records"), "phenotypes_left_out": left_out or {},
         "lambda_gc_median": float(lambdas["lambda_gc"].median()) if len(lambdas) else None,
         "hits_genome_wide": int(len(hits)), "hits_study_wide": int(hits["study_wide"].sum()),
         "loci": int(len(loci)), "loci_study_wide": int(loci["study_wide"].sum()),

@@ -114,7 +114,7 @@ def _subject_effects(p: dict, n: int, severity: np.ndarray, age: np.ndarray, pop
 def generate(out: str | Path, params: dict[str, Any], *, subjects: int | None = None, seed: int | None = None, workers: int | None = None) -> dict[str, Any]:
     """Generate the phantom cohort into `out` (replacing what is there) from the `phantom` section of
     params.yaml. Returns a summary. Layout: out/bids (BIDS dataset), out/genotypes/phantom.{bed,bim,fam},
-    out/ground_truth (never read by the pipeline)."""
+    out/atlas (the template's region atlas), out/ground_truth (never read by the pipeline)."""
     p = dict(params)
     n = int(subjects if subjects is not None else p["subjects"])
     seed = int(seed if seed is not None else p["seed"])
@@ -226,9 +226,16 @@ def generate(out: str | Path, params: dict[str, Any], *, subjects: int | None = 
         columns, g["missing_rate"], rng,
     )
 
-    # Ground truth.
+    # The template's atlas: what Harvard-Oxford or AAL is to a real cohort, one parcellation of the
+    # template shared by every subject. The pipeline may read it (atlas features, latent -> region maps);
+    # the per-subject truth below it may not.
     labels, label_affine = label_image()
-    nib.save(nib.Nifti1Image(labels, label_affine), truth / "region_labels.nii.gz")
+    (tmp / "atlas").mkdir()
+    nib.save(nib.Nifti1Image(labels, label_affine), tmp / "atlas" / "regions.nii.gz")
+    pd.DataFrame({"index": [r.label for r in REGIONS], "name": [r.name for r in REGIONS]}).to_csv(
+        tmp / "atlas" / "regions.tsv", sep="\t", index=False)
+
+    # Ground truth.
     ad_contraction = {r.name: float(-np.log1p(p["effects"][r.group]["ad"]) / gains[r.name]) for r in REGIONS}
     nib.save(nib.Nifti1Image(atrophy_map(ad_contraction), label_affine), truth / "ad_atrophy_map.nii.gz")
     pd.DataFrame([{

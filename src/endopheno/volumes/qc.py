@@ -21,10 +21,22 @@ def mean_displacement(a: np.ndarray, b: np.ndarray, mask: np.ndarray, affine: np
 
 
 def qc_table(ds: xr.Dataset) -> pd.DataFrame:
-    """One row per subject: correlation with the template, pass/fail, note."""
+    """One row per subject: correlation with the template, pass/fail, note, and ``etiv_mm3``.
+
+    ``etiv_mm3`` is the estimated total intracranial volume of the atlas-scaling-factor method (Buckner et
+    al. 2004, NeuroImage 23:724): the template's brain-mask volume carried into the subject by the affine
+    registration, ``V_template × |det A|`` (A: the linear part of template→native). Imaging GWAS of brain
+    volumes take head size as a covariate (ENIGMA; Hibar et al. 2015, Nature 520:224): it is a large
+    share of a region's volume variance that has nothing to do with the region. Assumes the affine
+    registration succeeded (see ``qc_pass``); empty for a subject not yet preprocessed."""
+    affine = np.asarray(ds.attrs["affine"])
+    template_mm3 = float(np.asarray(ds["brain_mask"].values, dtype=bool).sum()) * abs(np.linalg.det(affine[:3, :3]))
+    linear = np.asarray(ds["template_to_native"].values)[:, :3, :3]
+    done = np.array([bool(s) for s in ds["source_sha256"].values.tolist()])
+    etiv = np.where(done, template_mm3 * np.abs(np.linalg.det(linear)), np.nan)
     return pd.DataFrame({
         "subject": [str(s) for s in ds["subject"].values], "qc_correlation": ds["qc_correlation"].values.round(4),
-        "qc_pass": ds["qc_pass"].values, "note": [str(s) for s in ds["note"].values],
+        "qc_pass": ds["qc_pass"].values, "note": [str(s) for s in ds["note"].values], "etiv_mm3": etiv.round(1),
     })
 
 
