@@ -334,13 +334,17 @@ def test_dead_and_constant_phenotypes_are_left_out_and_recorded(study, tmp_path)
     pheno["dead"] = 0.0
     pheno.loc[[3, 9], "dead"] = [0.2, 0.5]
     pheno["const"] = 1.0
-    pheno[["#FID", "IID", "y0", "dead", "const"]].to_csv(tmp_path / "pheno.tsv", sep="\t", index=False, na_rep="NA")
+    pheno["age_again"] = 2 * pd.read_csv(study.parent / "covar.tsv", sep="\t")["c0"] + 1   # a covariate in disguise
+    pheno[["#FID", "IID", "y0", "dead", "const", "age_again"]].to_csv(tmp_path / "pheno.tsv", sep="\t", index=False,
+                                                                      na_rep="NA")
     run = cli("gwas", "--bfile", str(study), "--pheno", str(tmp_path / "pheno.tsv"), "--covar",
               str(study.parent / "covar.tsv"), "--out", str(tmp_path / "out"), "--no-mlflow", "--workers", "1", check=0)
-    assert "2 phenotypes not tested" in run.stderr
+    assert "3 phenotypes not tested" in run.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [row["phenotype"] for row in summary["phenotypes"]] == ["y0"]
-    assert set(summary["phenotypes_left_out"]) == {"dead", "const"} and "share one value" in summary["phenotypes_left_out"]["dead"]
+    left_out = summary["phenotypes_left_out"]
+    assert set(left_out) == {"dead", "const", "age_again"} and "share one value" in left_out["dead"]
+    assert left_out["age_again"] == "explained entirely by the covariates"
 
     y = np.array([[3.0, np.nan], [1.0, 5.0], [2.0, 4.0], [100.0, 6.0]])
     z = inverse_normal(Aligned(y, ["a", "b"])).values

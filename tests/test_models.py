@@ -298,3 +298,29 @@ def test_the_svr_baseline_predicts_a_target_far_from_zero_in_its_units():
     svr = linear_baseline("regression", voxels, age, split, (1e-4, 1e-3, 1e-2, 1e-1))
     assert svr["mae"] < 0.8 * age.std() and svr["r"] > 0.4, svr   # 300 voxels, 80 subjects: a weak fit, but in years
 
+
+
+def test_champion_is_only_compared_on_the_same_inputs_grid_and_volumes(tmp_path):
+    """A worse version on the same volumes stays behind the champion; a version trained after the volumes
+    changed (recomputed maps, new subjects) takes the alias whatever its metric: the old one's is moot."""
+    import mlflow
+
+    from endopheno.models.train import set_champion
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow.MlflowClient()
+    client.create_registered_model("endopheno.m")
+
+    def version(cv: float, digest: str) -> str:
+        tags = {"inputs": "logjac", "resolution_mm": "6.0", "volume_store_digest": digest, "cv_value": str(cv)}
+        return client.create_model_version("endopheno.m", str(tmp_path), tags=tags).version
+
+    def champion() -> str:
+        return client.get_model_version_by_alias("endopheno.m", "champion").version
+
+    first = version(0.30, "a")
+    assert set_champion("endopheno.m", first, "masked_mse", higher=False) and champion() == first
+    worse = version(0.40, "a")
+    assert not set_champion("endopheno.m", worse, "masked_mse", higher=False) and champion() == first
+    other_volumes = version(0.50, "b")
+    assert set_champion("endopheno.m", other_volumes, "masked_mse", higher=False) and champion() == other_volumes

@@ -1,10 +1,13 @@
 """The DVC pipeline on a fresh clone with a tiny cohort: `dvc repro` builds every output (models
-trained and registered, feature sets extracted, the catalog showing them), a second `dvc repro` does
-nothing."""
+trained and registered, feature sets extracted, attribution, the catalog showing them, a GWAS per
+feature set, the validation metrics and the report), a second `dvc repro` does nothing, and an
+experiment changing one GWAS parameter reruns only the GWAS and what follows it."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +41,11 @@ def test_dvc_repro_on_a_fresh_clone(tmp_path):
     params["train"]["models"]["cnn3d"].update(options={"widths": [4, 8], "kernels": [3, 3], "hidden": 8}, **tiny)
     params["train"]["models"]["autoencoder3d"].update(options={"latent": 128, "widths": [4, 8]}, **tiny)
     params["extract"]["loader_workers"] = 0
+    params["attribute"].update(subjects=4, randomisation_subjects=2, batch_size=4, ig_steps=8, ig_max_steps=16,
+                               subject_maps=False)
+    # 16 samples: few PCs and covariates, so each regression keeps residual degrees of freedom
+    params["genotypes"]["pca"]["pcs"] = 2
+    params["catalog"]["covariates"] = ["age", "sex", "etiv_mm3"]
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     run = subprocess.run(["dvc", "repro"], cwd=clone, env=env, capture_output=True, text=True)
@@ -60,7 +68,24 @@ def test_dvc_repro_on_a_fresh_clone(tmp_path):
         assert con.sql("SELECT count(*) FROM features.ae_t1 WHERE f127 IS NOT NULL").fetchall()[0][0] == 16
     finally:
         os.chdir(ROOT)
+    validation = json.loads((clone / "stores" / "validation" / "validation.json").read_text())
+    assert set(validation["feature_sets"]) == {"atlas_regions", "ae_t1", "cnn3d_t1", "ae_t1_random"}
+    assert all(s["planted"] == 2 for s in validation["feature_sets"].values())
+    assert "stores/validation/metrics.json" in metrics
+    report = json.loads((clone / "stores" / "report" / "report.json").read_text())
+    assert report["sections"]["validation"]["status"] == "present" and report["figures"]
+    assert (clone / "stores" / "attribution" / "cnn3d" / "scores.tsv").exists()
+
     again = subprocess.run(["dvc", "repro"], cwd=clone, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "didn't change" in again.stdout + again.stderr and "Running stage" not in again.stdout
     status = subprocess.run(["dvc", "status"], cwd=clone, env=env, capture_output=True, text=True)
     assert "up to date" in status.stdout
+
+    # One GWAS knob: the four scans, validation and report rerun; nothing upstream does.
+    exp = subprocess.run(["dvc", "exp", "run", "-S", "gwas.transform=inverse_normal"], cwd=clone, env=env,
+                         capture_output=True, text=True)
+    assert exp.returncode == 0, exp.stdout + exp.stderr
+    ran = set(re.findall(r"Running stage '([^']+)'", exp.stdout))
+    assert ran == {"gwas@atlas_regions", "gwas@ae_t1", "gwas@cnn3d_t1", "gwas@ae_t1_random", "validate", "report"}, ran
+    shown = subprocess.run(["dvc", "exp", "show", "--csv"], cwd=clone, env=env, capture_output=True, text=True)
+    assert shown.returncode == 0 and "inverse_normal" in shown.stdout

@@ -211,15 +211,6 @@ def gwas(
             genotypes = store
     source = open_source(bfile=bfile, pfile=pfile, store=genotypes)
     split = (lambda names: [n.strip() for n in names.split(",") if n.strip()] if names else None)
-    phenotypes, left_out = screen(align(read_table(pheno, split(pheno_name)), source.samples),
-                                  section.get("max_tied_fraction", 0.5))
-    if left_out:
-        err.print(f"[yellow]{len(left_out)} phenotypes not tested[/yellow] (first: "
-                  + "; ".join(f"{k}: {v}" for k, v in list(left_out.items())[:3]) + ")", soft_wrap=True)
-    if not phenotypes.names:
-        raise EndophenoError(f"gwas: no phenotype of {pheno} is fit to test (see above)")
-    if transform == "inverse_normal":
-        phenotypes = inverse_normal(phenotypes)
     covariates = align(read_table(covar, split(covar_name), kind="covariate"), source.samples) if covar else None
     if pcs:
         columns = [f"pc{i}" for i in range(1, pcs + 1)]
@@ -228,6 +219,7 @@ def gwas(
         pc_values = source.samples[columns].to_numpy(dtype=float)
         covariates = Aligned(pc_values, columns) if covariates is None else Aligned(
             np.hstack([covariates.values, pc_values]), covariates.names + columns, covariates.unmatched)
+    phenotypes = align(read_table(pheno, split(pheno_name)), source.samples)
     for what, table in (("phenotype", phenotypes), ("covariate", covariates)):
         if table is not None and table.unmatched:
             err.print(f"[yellow]{len(table.unmatched)} {what} rows match no genotyped sample[/yellow] "
@@ -235,6 +227,14 @@ def gwas(
     without = int(np.isnan(phenotypes.values).all(axis=1).sum())
     if without:
         err.print(f"{without} of {len(source.samples)} genotyped samples have no phenotype value")
+    phenotypes, left_out = screen(phenotypes, section.get("max_tied_fraction", 0.5), covariates)
+    if left_out:
+        err.print(f"[yellow]{len(left_out)} phenotypes not tested[/yellow] (first: "
+                  + "; ".join(f"{k}: {v}" for k, v in list(left_out.items())[:3]) + ")", soft_wrap=True)
+    if not phenotypes.names:
+        raise EndophenoError(f"gwas: no phenotype of {pheno} is fit to test (see above)")
+    if transform == "inverse_normal":
+        phenotypes = inverse_normal(phenotypes)
 
     summary = scan(source, phenotypes, covariates, out, options)
     study = analyse(out, source, phenotypes, covariates, settings, left_out=left_out)

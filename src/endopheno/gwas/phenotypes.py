@@ -84,14 +84,15 @@ def align(table: pd.DataFrame, samples: pd.DataFrame) -> Aligned:
     return Aligned(aligned.to_numpy(dtype=np.float64), list(table.columns), unmatched)
 
 
-def screen(phenotypes: Aligned, max_tied_fraction: float = 0.5) -> tuple[Aligned, dict[str, str]]:
+def screen(phenotypes: Aligned, max_tied_fraction: float = 0.5,
+           covariates: Aligned | None = None) -> tuple[Aligned, dict[str, str]]:
     """Phenotypes fit for a linear-model GWAS, and why each other one is left out.
 
     Linear regression assumes a roughly continuous outcome. A deep network's feature can be zero for almost
     every subject (a ReLU unit that fires for two of 400): regressed on a variant whose few carriers are
     those subjects, it gives t-statistics in the hundreds that mean nothing. Such a phenotype — fewer than
     two distinct values, or one value shared by more than `max_tied_fraction` of its observed samples — is
-    not tested. (UK Biobank's imaging GWAS screens its IDPs likewise before a rank-based transform;
+    not tested; nor is one the covariates explain entirely (nothing left to associate: t would be 0/0). (UK Biobank's imaging GWAS screens its IDPs likewise before a rank-based transform;
     Elliott et al. 2018, Nature 562:210.)"""
     keep, left_out = [], {}
     for j, name in enumerate(phenotypes.names):
@@ -106,9 +107,19 @@ def screen(phenotypes: Aligned, max_tied_fraction: float = 0.5) -> tuple[Aligned
             left_out[name] = "constant"
         elif tied > max_tied_fraction:
             left_out[name] = f"{tied:.0%} of its samples share one value (> {max_tied_fraction:.0%}: not continuous)"
+        elif covariates is not None and _explained(phenotypes.values[:, j], covariates.values):
+            left_out[name] = "explained entirely by the covariates"
         else:
             keep.append(j)
     return Aligned(phenotypes.values[:, keep], [phenotypes.names[j] for j in keep], phenotypes.unmatched), left_out
+
+
+def _explained(y: np.ndarray, covariates: np.ndarray) -> bool:
+    rows = ~np.isnan(y) & ~np.isnan(covariates).any(axis=1)
+    design = np.hstack([np.ones((rows.sum(), 1)), covariates[rows]])
+    centred = y[rows] - y[rows].mean()
+    residual = centred - design @ np.linalg.lstsq(design, centred, rcond=None)[0]
+    return float(residual @ residual) <= 1e-10 * float(centred @ centred)
 
 
 def inverse_normal(phenotypes: Aligned) -> Aligned:

@@ -631,6 +631,7 @@ def register(model: VolumeModel, name: str, report: TrainReport, spec: ModelSpec
             "cv_value": "" if untrained else f"{report.summary[f'{metric}_mean']:.6f}", "untrained": str(untrained).lower(),
             "inputs": ",".join(spec.inputs), "resolution_mm": str(p.resolution_mm), "training_run": report.run_id}
     client = mlflow.MlflowClient()
+    tags["volume_store_digest"] = client.get_run(report.run_id).data.tags.get("volume_store_digest", "")
     for k, v in tags.items():
         client.set_model_version_tag(name, version, k, v)
     return version
@@ -638,9 +639,10 @@ def register(model: VolumeModel, name: str, report: TrainReport, spec: ModelSpec
 
 def set_champion(name: str, version: str, metric: str | None, higher: bool) -> bool:
     """Give `version` the alias ``champion`` when its cross-validated metric beats the current champion's
-    (or there is none; `metric` None: always). Metrics of models reading other input maps or another grid
-    are not comparable (a reconstruction error of T1 vs of log-Jacobian maps): then the new version,
-    which is what params.yaml now asks for, takes the alias. Returns whether it did."""
+    (or there is none; `metric` None: always). Metrics of models reading other input maps, another grid or
+    other volumes (the store's digest: recomputed maps, new subjects) are not comparable (a reconstruction
+    error of T1 vs of log-Jacobian maps): then the new version, which is what params.yaml and the store
+    now hold, takes the alias. Returns whether it did."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -649,7 +651,8 @@ def set_champion(name: str, version: str, metric: str | None, higher: bool) -> b
     except mlflow.exceptions.MlflowException:
         current = None
     tags = client.get_model_version(name, version).tags
-    comparable = current is not None and all(current.tags.get(k) == tags.get(k) for k in ("inputs", "resolution_mm"))
+    comparable = current is not None and all(current.tags.get(k) == tags.get(k)
+                                                 for k in ("inputs", "resolution_mm", "volume_store_digest"))
     if comparable and metric is not None and current.tags.get("cv_value"):
         new = float(tags["cv_value"])
         old = float(current.tags["cv_value"])
