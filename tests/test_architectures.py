@@ -276,3 +276,18 @@ def test_cnn3d_overfits_a_tiny_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_a_residual_network_pickled_before_the_sum_was_a_module_still_runs():
+    """Registered models are pickled modules; those saved before `Add` existed have no `add` child."""
+    import pickle
+
+    torch.manual_seed(0)
+    net = build("inception_resnet3d", (12, 12, 12), 1, 2, width=4, modules=1, hidden=8).eval()
+    x = torch.randn(2, 1, 12, 12, 12)
+    expected = net(x)
+    for module in net.modules():
+        if "add" in module._modules:
+            del module._modules["add"]          # what an old pickle's state holds
+    restored = pickle.loads(pickle.dumps(net))
+    assert torch.allclose(restored(x), expected)

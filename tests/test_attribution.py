@@ -172,13 +172,14 @@ def gradient_times_input(model: VolumeModel, x: torch.Tensor, target: int = 1) -
 
 @pytest.mark.parametrize("name, options", [("cnn3d", {"widths": [4, 8], "kernels": [3, 3], "hidden": 8}),
                                            ("inception3d", {"width": 4, "modules": 1, "hidden": 8}),
+                                           ("inception_resnet3d", {"width": 4, "modules": 1, "hidden": 8}),
                                            ("patch27", {"patches": (0, 13, 26), "widths": [4], "kernels": [3],
                                                         "hidden": 4})])
 def test_lrp_conserves_and_equals_gradient_times_input_without_biases(name, options):
     """Without biases (and with BatchNorm scales of both signs, folded into the convolutions), LRP-ε with
     ε → 0 conserves the output, Σ R = f(x), and equals gradient × input of the ReLU network (Ancona et
     al. 2018, ICLR): both test the rules of Conv3d, BatchNorm3d, MaxPool3d (ceil_mode; stride 1 in the
-    inception pool path), AdaptiveAvgPool3d, Flatten and the concatenations."""
+    inception pool path), AdaptiveAvgPool3d, Flatten, the concatenations and the residual sum (`Add`)."""
     torch.manual_seed(0)
     model = wrap(without_biases(build(name, SHAPE, 1, 2, **options)))
     x = torch.randn(2, 1, *SHAPE)
@@ -235,7 +236,6 @@ def test_lrp_leaky_relu_identity_and_unknown_layer():
 
 
 @pytest.mark.parametrize("name, options, reason", [
-    ("inception_resnet3d", {"width": 4, "modules": 1, "hidden": 8}, "residual additions"),
     ("slice2d", {"widths": [4], "hidden": 8}, "pools the slice embeddings")])
 def test_lrp_refuses_networks_it_cannot_explain(name, options, reason):
     model = wrap(build(name, SHAPE, 1, 2, **options))

@@ -43,7 +43,7 @@ from scipy import ndimage, stats
 from torch import nn
 
 from endopheno.errors import InputError
-from endopheno.models.architectures import Autoencoder3d, PatchNet, SliceNet
+from endopheno.models.architectures import Add, Autoencoder3d, PatchNet, SliceNet
 from endopheno.models.volume_model import VolumeModel
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ LRP_RULES: dict[type[nn.Module], Callable[[], PropagationRule]] = {
     nn.AdaptiveMaxPool2d: _epsilon, nn.AdaptiveMaxPool3d: _epsilon,
     nn.AvgPool2d: _epsilon, nn.AvgPool3d: _epsilon, nn.AdaptiveAvgPool2d: _epsilon, nn.AdaptiveAvgPool3d: _epsilon,
     nn.BatchNorm1d: IdentityRule, nn.BatchNorm2d: IdentityRule, nn.BatchNorm3d: IdentityRule,
-    nn.Identity: _epsilon, nn.LeakyReLU: IdentityRule, nn.Flatten: _epsilon,
+    nn.Identity: _epsilon, nn.LeakyReLU: IdentityRule, nn.Flatten: _epsilon, Add: _epsilon,
 }
 """LRP rule factory per layer type, assigned as ``module.rule`` (captum's documented way of choosing
 rules); looked up along the class hierarchy, so subclasses inherit their parent's rule.
@@ -208,6 +208,8 @@ rules); looked up along the class hierarchy, so subclasses inherit their parent'
   `IdentityRule` cannot serve: it hands back the output's relevance tensor as it is, whose shape a
   reshape changes, and `nn.Identity` returns its input tensor itself, whose input hook then runs before
   the output hook that `IdentityRule` reads.
+- `Add` (a residual sum, architectures.py): the ε-rule, R_a = a / (a + b) · R, relevance shared between
+  the summands in proportion to their contributions (captum's `Addition_Module` gets the same rule).
 - ReLU, Dropout (and Tanh): absent here on purpose: captum propagates relevance through its own list of
   non-linear layers unchanged (identity), and gives them no rule.
 """
@@ -223,12 +225,9 @@ def _lrp_obstacle(net: nn.Module) -> str | None:
     gradient at its input by the input. Operations outside any module get plain gradients, which is right
     for reshaping, slicing and concatenation (relevance is routed, not changed) but not for an addition
     of two branches (each summand receives the whole relevance, instead of its share) or a learned
-    pooling (the gradient of a mean or softmax gate is not the share of each term).
+    pooling (the gradient of a mean or softmax gate is not the share of each term). Residual sums are
+    modules (`Add`) in the registry's networks for this reason.
     """
-    if any(getattr(m, "projection", None) is not None for m in net.modules()):
-        return ("its residual additions (inception output + 1x1 projection) are tensor additions outside any "
-                "module, so both summands would receive the whole relevance; LRP needs the sum as a module "
-                "(captum's Addition_Module) in the architecture")
     if isinstance(net, SliceNet):
         return ("it pools the slice embeddings (mean or gated attention) and adds position embeddings with "
                 "tensor operations outside any module, which LRP cannot redistribute")

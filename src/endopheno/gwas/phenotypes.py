@@ -117,6 +117,8 @@ def screen(phenotypes: Aligned, max_tied_fraction: float = 0.5,
 def _explained(y: np.ndarray, covariates: np.ndarray) -> bool:
     rows = ~np.isnan(y) & ~np.isnan(covariates).any(axis=1)
     design = np.hstack([np.ones((rows.sum(), 1)), covariates[rows]])
+    if design.shape[1] >= len(design):   # too few samples to tell: the scan reports "too few observations"
+        return False
     centred = y[rows] - y[rows].mean()
     residual = centred - design @ np.linalg.lstsq(design, centred, rcond=None)[0]
     return float(residual @ residual) <= 1e-10 * float(centred @ centred)

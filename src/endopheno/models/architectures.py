@@ -358,6 +358,15 @@ def _cbr(in_channels: int, out_channels: int, kernel: int) -> list[nn.Module]:
     return [nn.Conv3d(in_channels, out_channels, kernel, padding=kernel // 2), nn.BatchNorm3d(out_channels), nn.ReLU()]
 
 
+class Add(nn.Module):
+    """``a + b`` as a module. Relevance methods that work layer by layer (LRP) must see a residual sum as
+    a layer, to share its relevance between the summands in proportion to each one's contribution;
+    a plain ``+`` in forward() would hand each summand the whole relevance."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
 class InceptionModule3d(nn.Module):
     """A 3D inception module (Szegedy et al. 2015, CVPR, "Going deeper with convolutions").
 
@@ -376,11 +385,18 @@ class InceptionModule3d(nn.Module):
         self.path5 = nn.Sequential(*_cbr(in_channels, width, 1), *_cbr(width, width, 3), *_cbr(width, width, 3))
         self.path_pool = nn.Sequential(nn.MaxPool3d(3, stride=1, padding=1), *_cbr(in_channels, width, 1))
         self.projection = nn.Conv3d(in_channels, 4 * width, 1) if residual else None
+        self.add = Add() if residual else None
         self.relu = nn.ReLU() if residual else None
+
+    def __setstate__(self, state: dict) -> None:
+        # Models pickled (registered) before the sum became a module have no `add`: give them one.
+        super().__setstate__(state)
+        if "add" not in self._modules:
+            self.add = Add() if self.projection is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.cat([self.path1(x), self.path3(x), self.path5(x), self.path_pool(x)], dim=1)
-        return y if self.projection is None else self.relu(y + self.projection(x))
+        return y if self.projection is None else self.relu(self.add(y, self.projection(x)))
 
 
 class Inception3d(_Model):
