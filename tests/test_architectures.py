@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from endopheno.errors import InputError
-from endopheno.models.architectures import ARCHITECTURES, InceptionModule3d, PatchNet, build, patch_grid
+from endopheno.models.architectures import ARCHITECTURES, Add, InceptionModule3d, PatchNet, build, patch_grid
 
 SHAPE = (19, 23, 21)  # odd and all different, so a transposed axis or a dropped row shows
 NAMES = ["cnn3d", "patch27", "slice2d", "inception3d", "inception_resnet3d", "autoencoder3d"]
@@ -22,7 +22,8 @@ VARIANTS = [(name, {}) for name in NAMES] + [
     ("cnn3d", {"widths": (4, 6), "kernels": (4, 3), "dropout": 0.5}),  # an even kernel
 ]
 ALLOWED = (nn.Conv3d, nn.Conv2d, nn.BatchNorm3d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool3d, nn.MaxPool2d,
-           nn.AdaptiveAvgPool3d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear, nn.Dropout, nn.ConvTranspose3d)
+           nn.AdaptiveAvgPool3d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear, nn.Dropout, nn.ConvTranspose3d,
+           Add)   # the residual sum as a module, so that LRP shares its relevance
 
 
 def ident(value):
