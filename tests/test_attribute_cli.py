@@ -28,7 +28,7 @@ METHODS = ("integrated_gradients", "lrp", "guided_gradcam", "occlusion")
 def project(tmp_path_factory):
     """The synthetic store, a truth map and region atlas, and three tiny models trained and registered in MLflow
     as `endopheno train` does its final model (the cross-validation skipped, to keep this quick): cnn3d,
-    inception_resnet3d (LRP cannot explain it), autoencoder3d (16 latents)."""
+    slice2d (LRP cannot explain it), autoencoder3d (16 latents)."""
     import torch
 
     from endopheno.models.train import SELECTION, Trainer, TrainReport, load_train_params, model_spec
@@ -53,8 +53,7 @@ def project(tmp_path_factory):
     small = {"epochs": 4, "patience": 4, "batch_size": 8, "learning_rate": 5e-3, "restarts": 0}
     t["models"] = {
         "cnn3d": {"architecture": "cnn3d", "options": {"widths": [4, 8], "kernels": [3, 3], "hidden": 8}, **small},
-        "inception_resnet3d": {"architecture": "inception_resnet3d", "options": {"width": 4, "modules": 1}, **small,
-                               "epochs": 1},
+        "slice2d": {"architecture": "slice2d", "options": {"widths": [4], "hidden": 8}, **small, "epochs": 1},
         "autoencoder3d": {"architecture": "autoencoder3d", "task": "reconstruction",
                           "options": {"latent": 16, "widths": [4, 8]}, **small},
     }
@@ -138,16 +137,24 @@ def test_cnn3d_maps_in_mni_space_checks_and_scores_beside_the_svm_pattern(projec
     version = mlflow.MlflowClient().get_model_version("endopheno.cnn3d", "1")
     assert version.tags["attribution_run"] == run.info.run_id
 
+    from endopheno.featurestore.catalog import CatalogParams, build_catalog, connect, query
+
+    build_catalog(CatalogParams(path="catalog_scores.duckdb", features="features", participants="participants.tsv",
+                                imaging_qc=None, genotypes=None, gwas=None, attribution="attribution",
+                                tracking_uri=f"sqlite:///{project}/mlflow.db"), project)
+    scores = query(connect(project / "catalog_scores.duckdb"), "SELECT model, method FROM attribution.scores").to_pandas()
+    assert set(scores[scores.model == "cnn3d"].method) == {*METHODS, "svm_haufe"}
+
 
 @pytest.mark.slow
 def test_a_method_that_cannot_explain_the_model_is_skipped_and_reported(project):
-    result = attribute(project, "--model", "endopheno.inception_resnet3d@champion", "--methods", "lrp,guided_gradcam",
+    result = attribute(project, "--model", "endopheno.slice2d@champion", "--methods", "lrp,guided_gradcam",
                        "--subjects", "4")
-    assert "skipped lrp on endopheno.inception_resnet3d/1: its residual additions" in result.stderr
-    out = project / "attribution" / "inception_resnet3d"
+    assert "skipped lrp on endopheno.slice2d/1: it pools the slice embeddings" in result.stderr
+    out = project / "attribution" / "slice2d"
     assert list(pd.read_csv(out / "scores.tsv", sep="\t").method) == ["guided_gradcam", "svm_haufe"]
     checks = pd.read_csv(out / "checks.tsv", sep="\t").set_index("method")
-    assert checks.status.to_dict() == {"lrp": "skipped", "guided_gradcam": "ok"} and "Addition_Module" in checks.reason["lrp"]
+    assert checks.status.to_dict() == {"lrp": "skipped", "guided_gradcam": "ok"} and "outside any module" in checks.reason["lrp"]
     assert not list(out.glob("lrp_*")) and (out / "guided_gradcam_AD.nii.gz").exists()
 
 
@@ -175,7 +182,6 @@ def test_autoencoder_latent_regions_sum_to_one_and_the_catalog_shows_them(projec
     assert len(top) == 16
     best = table[table["rank"] == 1].sort_values("dimension")
     assert top.region.tolist() == best.region.tolist() and np.allclose(top.share, best.share)
-    assert "cnn3d" in query(con, "SELECT DISTINCT model FROM attribution.scores").column("model").to_pylist()
 
 
 @pytest.mark.slow
