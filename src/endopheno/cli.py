@@ -265,13 +265,13 @@ def validate(
     found at the study-wide threshold, loci found that were not planted, λGC."""
     import pyarrow as pa
 
-    from endopheno.params import load_params
-    from endopheno.validation import validate as validate_chain
+    from endopheno.params import from_section, load_params
+    from endopheno.validation import ValidateParams, validate as validate_chain
 
-    p = {"gwas": "stores/gwas", "out": "stores/validation", "window_kb": 500.0, **(load_params("validate", params) or {})}
-    if not p.get("causal") or not p.get("feature_sets"):
+    p = from_section(ValidateParams, load_params("validate", params), "validate")
+    if not p.causal or not p.feature_sets:
         raise EndophenoError("validate: params.yaml validate needs causal (the planted variants) and feature_sets")
-    record = validate_chain(p["gwas"], p["feature_sets"], p["causal"], out or p["out"], p["window_kb"])
+    record = validate_chain(p.gwas, p.feature_sets, p.causal, out or p.out, p.window_kb)
     rows = [{"feature set": name, "planted loci found": f"{s['found']} of {s['planted']}", "false loci": s["false_loci"],
              "λGC (median)": f"{s['lambda_gc_median']:.3f}", "phenotypes": s["phenotypes"],
              "study-wide p": f"{s['study_wide_threshold']:.1e}"} for name, s in record["feature_sets"].items()]
@@ -279,7 +279,7 @@ def validate(
         _print_table(pa.Table.from_pylist(rows), "the chain against the planted truth")
     for name, reason in record["missing"].items():
         err.print(f"[yellow]validate: {name}: {reason}[/yellow]", soft_wrap=True)
-    err.print(f"validate: {len(rows)} feature sets scored, written to {out or p['out']}")
+    err.print(f"validate: {len(rows)} feature sets scored, written to {out or p.out}")
 
 
 features_app = typer.Typer(no_args_is_help=True, help="Feature sets: definitions in features/, versions in stores/features/.")

@@ -21,12 +21,24 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from endopheno.errors import InputError
+
+@dataclass(frozen=True)
+class ValidateParams:
+    """The `validate` section of params.yaml."""
+
+    causal: str = ""                    # the planted variants: a TSV with chrom, pos, id, region
+    feature_sets: list = field(default_factory=list)
+    gwas: str = "stores/gwas"
+    window_kb: float = 500.0
+    out: str = "stores/validation"
+
 
 LOCI_COLUMNS = ["feature_set", "kind", "region", "planted_variant", "chrom", "pos", "found", "phenotype",
                 "lead_id", "distance_kb", "p"]
