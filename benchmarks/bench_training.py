@@ -6,7 +6,8 @@ The loader is not the bottleneck when it delivers volumes faster than the model 
 one pass over `--volumes` subjects (Zarr read, pooling to train.resolution_mm, normalisation, the
 model's augmentation) with 0, 1 and 2 worker processes. Training: forward + backward + Adam step over
 the same subjects from tensors already in memory (so it excludes loading), median of 3 passes after a
-warm-up batch. Prints the Markdown table for BENCHMARKS.md.
+warm-up batch, in the channels-last 3D layout the trainer uses and, side by side, in PyTorch's default
+contiguous layout. Prints the Markdown table for BENCHMARKS.md.
 """
 
 import argparse
@@ -34,15 +35,17 @@ def loader_rate(dataset, batch_size: int, workers: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def training_rate(spec, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, device: torch.device) -> float:
+def training_rate(spec, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, device: torch.device,
+                  layout: torch.memory_format) -> float:
     n_outputs = {"classification": 2, "regression": 1, "reconstruction": None}[spec.task]
-    net = build(spec.architecture, tuple(x.shape[2:]), x.shape[1], n_outputs, **spec.options).to(device)
+    torch.manual_seed(0)
+    net = build(spec.architecture, tuple(x.shape[2:]), x.shape[1], n_outputs, **spec.options).to(device, memory_format=layout)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     mask = mask.to(device)
 
     def one_pass(limit=None):
         for i in range(0, len(x) if limit is None else limit, spec.batch_size):
-            xb, yb = x[i:i + spec.batch_size].to(device), y[i:i + spec.batch_size].to(device)
+            xb, yb = x[i:i + spec.batch_size].to(device, memory_format=layout), y[i:i + spec.batch_size].to(device)
             opt.zero_grad()
             task_loss(spec.task, net(xb), xb, yb, mask).backward()
             opt.step()
@@ -71,8 +74,9 @@ if __name__ == "__main__":
     rows = np.flatnonzero(np.array(ds.source_sha256.values.tolist(), dtype=str) != "")[: a.volumes]
     device = device_of(a.device)
     print(f"machine: {machine()}; device {device}; {len(rows)} volumes at {p.resolution_mm} mm; torch threads {torch.get_num_threads()}\n")
-    print("| model | inputs | loader 0 workers | loader 1 worker | loader 2 workers | training (in memory) | loader 1 worker / training |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | inputs | loader 0 workers | loader 1 worker | loader 2 workers | training, channels-last (in memory) "
+          "| training, contiguous | channels-last ÷ contiguous | loader 1 worker / training |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in a.models or list(p.models):
         spec = model_spec(p, name)
         base = VolumeDataset(p.store, rows, np.zeros(len(rows)), inputs=spec.inputs, factor=factor, mask=mask)
@@ -82,6 +86,7 @@ if __name__ == "__main__":
         loaders = [loader_rate(ds_aug, spec.batch_size, w) for w in (0, 1, 2)]
         x = torch.stack([base.volume(i) for i in range(len(rows))])
         y = torch.as_tensor((np.arange(len(rows)) % 2).astype(np.float32))
-        train = training_rate(spec, x, y, mask, device)
+        train = training_rate(spec, x, y, mask, device, torch.channels_last_3d)
+        plain = training_rate(spec, x, y, mask, device, torch.contiguous_format)
         print(f"| `{name}` ({spec.architecture}) | {'+'.join(spec.inputs)} | {loaders[0]:.1f} | {loaders[1]:.1f} | "
-              f"{loaders[2]:.1f} | {train:.1f} | {loaders[1] / train:.1f}× |", flush=True)
+              f"{loaders[2]:.1f} | {train:.1f} | {plain:.1f} | {train / plain:.2f}× | {loaders[1] / train:.1f}× |", flush=True)

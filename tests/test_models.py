@@ -65,7 +65,7 @@ def project(tmp_path_factory) -> Path:
         "patch27": {"architecture": "patch27", "options": {"widths": [4], "kernels": [3], "hidden": 4}, "top_k": 2,
                     "patch_epochs": 2, **small},
         "autoencoder3d": {"architecture": "autoencoder3d", "task": "reconstruction",
-                          "options": {"latent": 128, "widths": [4, 8]}, **small},
+                          "options": {"latent": 128, "widths": [4, 8]}, "folds": 3, **small},   # its own fold count
     }
     params["extract"].update(volumes="volumes.zarr", store="features", loader_workers=0,
                              tracking_uri=f"sqlite:///{root}/mlflow.db")
@@ -199,8 +199,11 @@ def test_autoencoder_beats_its_untrained_self_and_extraction_fills_the_sets(proj
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
-    m = mlflow.get_run(reg[("endopheno.autoencoder3d", 1)][1]["training_run"]).data.metrics
+    run = mlflow.get_run(reg[("endopheno.autoencoder3d", 1)][1]["training_run"])
+    m = run.data.metrics
     assert m["masked_mse_mean"] < 0.9 * m["baseline_masked_mse_mean"]
+    # the model's `folds` overrides train.folds (2): three test folds, and the version says so
+    assert reg[("endopheno.autoencoder3d", 1)][1]["folds"] == "3" and "fold2_val_loss" in m and "fold3_val_loss" not in m
 
     out = cli("extract", "--feature-set", "ae_t1", "--params", "params.yaml", cwd=project, check=0)
     assert "new version 0" in out.stderr

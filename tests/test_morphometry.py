@@ -51,7 +51,7 @@ def test_identical_images_give_a_flat_map():
 def test_levels_must_be_multiples_of_the_store_and_match_iterations():
     template, mask = _ball_image(5.0)
     with pytest.raises(EndophenoError, match="whole multiple"):
-        log_jacobian(template, template, mask, 2.0, MorphometryParams(levels_mm=[3.0]))
+        log_jacobian(template, template, mask, 2.0, MorphometryParams(levels_mm=[3.0], iterations=[10]))
     with pytest.raises(EndophenoError, match="one entry per level"):
         MorphometryParams(levels_mm=[4.0, 2.0], iterations=[100])
 
@@ -71,7 +71,7 @@ def test_store_maps_are_incremental(preprocessed_store, tmp_path):
     assert sorted(morphometry(store, workers=1)) == [1, 2]
     assert volume_store_digest(open_mni(store)) == digest
     # new knobs: every map is recomputed, and the store's digest (which models and feature sets record) changes
-    assert len(morphometry(store, MorphometryParams(iterations=[20]), workers=1)) == 6
+    assert len(morphometry(store, MorphometryParams(levels_mm=[4.0], iterations=[20]), workers=1)) == 6
     changed = xr.open_zarr(store, group="mni")
     assert volume_store_digest(changed) != digest
     assert not np.allclose(changed["logjac"].values, maps)

@@ -20,10 +20,10 @@ brain mask (a mono-modal T1 to T1 template match; demons' force is the intensity
 field is interpolated back onto the store's grid and ``log J`` (``J`` clipped at 1e-3 where folding
 would make it non-positive) is stored inside the brain mask, 0 outside.
 
-On the phantom (400 subjects, 4 mm, 100 iterations, smoothing 1 voxel; about 1 s per subject): the
-mean log J inside each true region correlates 0.86–0.91 with the true hippocampal and ventricular
-volumes (relative to head size), and AD vs CN from the nine region means reaches BA 0.92 (logistic
-regression, 5-fold CV).
+On the phantom (80 subjects; the default 4 then 2 mm, 30 + 10 iterations, smoothing 1 voxel; about 1.6 s
+per subject and core): the mean log J inside each true region correlates 0.79–0.94 with the true region
+volume relative to head size (0.55 for the left entorhinal cortex), and AD vs CN from the nine region
+means reaches BA 0.89 (logistic regression, 5-fold CV; the true volumes 0.93).
 
 Store: ``mni/logjac`` (subject, x, y, z) float32, NaN until computed, beside ``mni/<modality>``, so
 models read it as one more input map; ``mni/logjac_source_sha256`` marks a row done (the
@@ -57,8 +57,8 @@ class MorphometryParams:
     """``preprocess.morphometry`` of params.yaml (null there: no log-Jacobian maps)."""
 
     modality: str = "T1w"               # the MNI volume registered to the template
-    levels_mm: tuple[float, ...] = (4.0,)   # coarse to fine grids of the demons registration (whole multiples of the store's voxel)
-    iterations: tuple[int, ...] = (100,)    # per level
+    levels_mm: tuple[float, ...] = (4.0, 2.0)   # coarse to fine grids of the demons registration (whole multiples of the store's voxel)
+    iterations: tuple[int, ...] = (30, 10)      # per level: region means within 0.01 of (100, 20)'s correlation with the truth (BENCHMARKS.md)
     smoothing_voxels: float = 1.0       # SD of the Gaussian regularising the displacement field, in voxels of each level
 
     def __post_init__(self):

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 CODECS = {"none": None, "lz4": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), "zstd": ZstdCodec(level=0)}
 # Bumped when the algorithm changes in a way params do not show: the group is then rebuilt, so that
 # every subject of a store is processed the same way.
-ALGORITHM_VERSION = 2
+ALGORITHM_VERSION = 3  # 3: registration on a copy of the scan at registration_voxel_mm
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # ITK's physical frame is LPS; NIfTI's is RAS
 
@@ -142,7 +142,7 @@ def register_affine(moving: sitk.Image, p: PreprocessParams) -> sitk.Transform:
     the images' centres of mass and optimised coarse to fine (`p.pyramid`) with Mattes mutual
     information: a rigid stage over the whole pyramid, then (by default) the affine at full resolution."""
     fixed = _fixed_image(p.registration_voxel_mm)
-    moving_small = sitk.SmoothingRecursiveGaussian(moving, p.registration_voxel_mm / 2.355)
+    moving_small = _on_grid(sitk.SmoothingRecursiveGaussian(moving, p.registration_voxel_mm / 2.355), p.registration_voxel_mm)
 
     def run(initial: sitk.Transform, shrink: list[int]) -> sitk.Transform:
         reg = sitk.ImageRegistrationMethod()
@@ -170,6 +170,16 @@ def register_affine(moving: sitk.Image, p: PreprocessParams) -> sitk.Transform:
     # After a rigid stage the pose is close: the affine stage needs only the finest level.
     result = run(affine, [1] if p.rigid_first else list(p.pyramid))
     return result.GetNthTransform(0) if isinstance(result, sitk.CompositeTransform) else result
+
+
+def _on_grid(img: sitk.Image, voxel_mm: float) -> sitk.Image:
+    """`img` resampled onto voxels of `voxel_mm` over the same field of view. Registration builds its
+    pyramid from the moving image at every level of both stages: on the 3 mm copy instead of the
+    2 mm scan that halves the registration time, and moves the recovered affine by 0.1–0.2 mm
+    (BENCHMARKS.md), well inside its 0.65 mm median error."""
+    size = [max(1, int(round(n * s / voxel_mm))) for n, s in zip(img.GetSize(), img.GetSpacing())]
+    return sitk.Resample(img, size, sitk.Transform(), sitk.sitkLinear, img.GetOrigin(), [voxel_mm] * 3,
+                         img.GetDirection(), 0.0, sitk.sitkFloat32)
 
 
 @dataclass
