@@ -5,9 +5,9 @@
 The loader is not the bottleneck when it delivers volumes faster than the model consumes them. Loader:
 one pass over `--volumes` subjects (Zarr read, pooling to train.resolution_mm, normalisation, the
 model's augmentation) with 0, 1 and 2 worker processes. Training: forward + backward + Adam step over
-the same subjects from tensors already in memory (so it excludes loading), median of 3 passes after a
-warm-up batch, in the channels-last 3D layout the trainer uses and, side by side, in PyTorch's default
-contiguous layout. Prints the Markdown table for BENCHMARKS.md.
+the same subjects from tensors already in memory (so it excludes loading), after a
+warm-up batch, in the channels-last 3D layout the trainer uses and in PyTorch's default contiguous
+layout, their passes interleaved, median of 5 each. Prints the Markdown table for BENCHMARKS.md.
 """
 
 import argparse
@@ -35,15 +35,19 @@ def loader_rate(dataset, batch_size: int, workers: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def training_rate(spec, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, device: torch.device,
-                  layout: torch.memory_format) -> float:
+def training_rates(spec, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, device: torch.device,
+                   layouts, passes: int = 5) -> list[float]:
+    """Volumes/s of forward + backward + AdamW step per memory layout: the layouts' passes interleaved
+    (this machine's speed drifts by 2x within minutes), the median of `passes` each."""
     n_outputs = {"classification": 2, "regression": 1, "reconstruction": None}[spec.task]
-    torch.manual_seed(0)
-    net = build(spec.architecture, tuple(x.shape[2:]), x.shape[1], n_outputs, **spec.options).to(device, memory_format=layout)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     mask = mask.to(device)
+    steps = []
+    for layout in layouts:
+        torch.manual_seed(0)
+        net = build(spec.architecture, tuple(x.shape[2:]), x.shape[1], n_outputs, **spec.options).to(device, memory_format=layout)
+        steps.append((net, torch.optim.AdamW(net.parameters(), lr=1e-3), layout))
 
-    def one_pass(limit=None):
+    def one_pass(net, opt, layout, limit=None):
         for i in range(0, len(x) if limit is None else limit, spec.batch_size):
             xb, yb = x[i:i + spec.batch_size].to(device, memory_format=layout), y[i:i + spec.batch_size].to(device)
             opt.zero_grad()
@@ -52,13 +56,15 @@ def training_rate(spec, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, de
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    one_pass(spec.batch_size)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        one_pass()
-        times.append(time.perf_counter() - t0)
-    return len(x) / statistics.median(times)
+    for step in steps:
+        one_pass(*step, limit=spec.batch_size)   # warm-up
+    times = [[] for _ in steps]
+    for _ in range(passes):
+        for step, t in zip(steps, times):
+            t0 = time.perf_counter()
+            one_pass(*step)
+            t.append(time.perf_counter() - t0)
+    return [len(x) / statistics.median(t) for t in times]
 
 
 if __name__ == "__main__":
@@ -86,7 +92,6 @@ if __name__ == "__main__":
         loaders = [loader_rate(ds_aug, spec.batch_size, w) for w in (0, 1, 2)]
         x = torch.stack([base.volume(i) for i in range(len(rows))])
         y = torch.as_tensor((np.arange(len(rows)) % 2).astype(np.float32))
-        train = training_rate(spec, x, y, mask, device, torch.channels_last_3d)
-        plain = training_rate(spec, x, y, mask, device, torch.contiguous_format)
+        train, plain = training_rates(spec, x, y, mask, device, (torch.channels_last_3d, torch.contiguous_format))
         print(f"| `{name}` ({spec.architecture}) | {'+'.join(spec.inputs)} | {loaders[0]:.1f} | {loaders[1]:.1f} | "
               f"{loaders[2]:.1f} | {train:.1f} | {plain:.1f} | {train / plain:.2f}× | {loaders[1] / train:.1f}× |", flush=True)

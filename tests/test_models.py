@@ -137,7 +137,7 @@ def test_fit_resumes_from_its_checkpoint_and_is_deterministic(tmp_path):
     x[y == 1, :, 2:5, 2:5, 2:5] += 1.0
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=True,
                                          generator=torch.Generator().manual_seed(1))
-    spec = ModelSpec("t", "cnn3d", patience=100, options={"widths": [4], "kernels": [3], "hidden": 4})
+    spec = ModelSpec("t", "cnn3d", patience=100, options={"widths": [4, 4], "kernels": [3, 3], "hidden": 4})
 
     def run(epochs, checkpoint):
         torch.manual_seed(5)
@@ -146,9 +146,12 @@ def test_fit_resumes_from_its_checkpoint_and_is_deterministic(tmp_path):
         return net, fit(net, loader, loader, task="classification", spec=spec, epochs=epochs, device=torch.device("cpu"),
                         amp=False, mask=torch.ones(8, 8, 8, dtype=torch.bool), checkpoint=checkpoint)
 
-    _, straight = run(4, None)
+    net, straight = run(4, None)
     _, again = run(4, None)
     assert [h["train_loss"] for h in straight.history] == [h["train_loss"] for h in again.history]
+    # trained in the channels-last layout, handed back (and registered) in the ordinary one
+    conv = net.features[1][0].weight                                      # [4, 4, 3, 3, 3]
+    assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last_3d)
     ckpt = tmp_path / "fold.pt"
     _, first = run(2, ckpt)
     assert first.epochs == 2 and ckpt.exists()

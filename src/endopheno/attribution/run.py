@@ -48,6 +48,7 @@ from endopheno.attribution.heatmaps import (METHODS, MethodNotApplicable, attrib
 from endopheno.attribution.nifti import group_average, write_map
 from endopheno.attribution.score import haufe_pattern, score_map
 from endopheno.errors import InputError
+from endopheno.models.data import NON_FINITE, finite
 from endopheno.models.volume_model import VolumeModel
 
 log = logging.getLogger(__name__)
@@ -208,11 +209,11 @@ def _batches(reader, subjects: np.ndarray, batch_size: int, failed: list):
     for start in range(0, len(reader), batch_size):
         idx = np.arange(start, min(start + batch_size, len(reader)))
         x = torch.stack([reader.volume(int(i)) for i in idx])
-        finite = torch.isfinite(x).flatten(1).all(1).numpy()
-        for s in subjects[idx[~finite]]:
-            failed.append((str(s), "its MNI volume has non-finite voxels"))
-        if finite.any():
-            yield idx[finite], subjects[idx[finite]], x[torch.from_numpy(finite)]
+        ok = finite(x).numpy()
+        for s in subjects[idx[~ok]]:
+            failed.append((str(s), NON_FINITE))
+        if ok.any():
+            yield idx[ok], subjects[idx[ok]], x[torch.from_numpy(ok)]
 
 
 def _check_grid(ds, model: VolumeModel, label: str) -> None:
@@ -226,18 +227,18 @@ def _check_grid(ds, model: VolumeModel, label: str) -> None:
 
 
 def truth_on_grid(path: str | Path, shape: tuple[int, int, int], affine) -> np.ndarray:
-    """A truth map (any grid with its true affine) sampled at the model grid's voxel centres (nilearn,
-    linear interpolation)."""
+    """A truth map (any grid with its true affine) sampled at the model grid's voxel centres (linear
+    interpolation, `endopheno.mni.resample`: the resampler of every other grid change)."""
     import nibabel as nib
-    from nilearn.image import resample_img
+
+    from endopheno.mni import resample
 
     try:
         img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float64)
     except (OSError, ValueError) as e:
         raise InputError(path, f"cannot read the truth map ({e})") from None
-    on_grid = resample_img(img, target_affine=np.asarray(affine, dtype=np.float64), target_shape=tuple(shape),
-                           interpolation="linear", force_resample=True, copy_header=True)
-    return np.asarray(on_grid.dataobj, dtype=np.float64)
+    return resample(data, img.affine, tuple(shape), np.asarray(affine, dtype=np.float64)).astype(np.float64)
 
 
 def svm_pattern(voxels: np.ndarray, target: np.ndarray, c_grid, seed: int) -> tuple[np.ndarray, float, float]:

@@ -127,6 +127,15 @@ def task_data(ds, participants: str | Path, task: str, *, target: str = "diagnos
     return TaskData(task, rows, subjects, groups, target_values, strata, diagnosis, excluded)
 
 
+NON_FINITE = "its MNI volume has non-finite voxels"
+
+
+def finite(x: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the volumes of a batch whose voxels are all finite (NaN marks a row never preprocessed);
+    extraction and attribution report the others as NON_FINITE and go on with the rest."""
+    return torch.isfinite(x).flatten(1).all(1)
+
+
 def pool_factor(store_voxel_mm: float, resolution_mm: float | None) -> int:
     """The average-pooling factor from the store's grid to the model's (1 = the store's resolution)."""
     if not resolution_mm:

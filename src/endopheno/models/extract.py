@@ -93,7 +93,7 @@ def extract(defn: FeatureSet, p: ExtractParams, model_uri: str | None = None) ->
     import mlflow
 
     from endopheno.featurestore.store import digest, unchanged_version, write_version
-    from endopheno.models.data import VolumeDataset
+    from endopheno.models.data import NON_FINITE, VolumeDataset, finite
     from endopheno.models.train import device_of
     from endopheno.tracking import git_revision, mlflow_run, tracking_uri
     from endopheno.volumes.preprocess import open_mni, volume_store_digest
@@ -129,15 +129,15 @@ def extract(defn: FeatureSet, p: ExtractParams, model_uri: str | None = None) ->
         for x, _ in loader:
             rows = keys[done[start:start + len(x)]]
             start += len(x)
-            finite = torch.isfinite(x).flatten(1).all(1)
-            for subject in rows[~finite.numpy()]:
-                failed.append((subject, InputError(f"subject {subject}", "its MNI volume has non-finite voxels")))
-            x = x[finite].to(device)
+            ok = finite(x)
+            for subject in rows[~ok.numpy()]:
+                failed.append((subject, InputError(f"subject {subject}", NON_FINITE)))
+            x = x[ok].to(device)
             if not len(x):
                 continue
             for o in outputs:
                 results[o].append(model.predict(x, o).float().cpu().numpy())
-            subjects += rows[finite.numpy()].tolist()
+            subjects += rows[ok.numpy()].tolist()
         seconds = time.perf_counter() - t0
         if not subjects:
             raise InputError(p.volumes, "no subject could be extracted")

@@ -110,8 +110,8 @@ def model_spec(p: TrainParams, name: str) -> ModelSpec:
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A batch of volumes [B, C, X, Y, Z] on `device` in the channels-last 3D layout: oneDNN's (and
-    cuDNN's) fast path for Conv3d, 1.6x the training throughput of cnn3d and autoencoder3d on a 2-core
-    CPU (BENCHMARKS.md). The network's weights are put in the same layout by `fit`."""
+    cuDNN's) fast path for Conv3d; 1.3-1.8x the training throughput of cnn3d and 1.35-1.45x that of
+    autoencoder3d on a 2-core CPU (BENCHMARKS.md). `fit` puts the network's weights in the same layout."""
     return x.to(device, non_blocking=True, memory_format=torch.channels_last_3d) if x.dim() == 5 else x.to(device)
 
 

@@ -45,6 +45,7 @@ import zarr
 
 from endopheno.errors import EndophenoError
 from endopheno.parallel import map_items
+from endopheno.volumes.preprocess import zscore_inside
 from endopheno.volumes.store import MNI, open_group, publish
 
 log = logging.getLogger(__name__)
@@ -83,11 +84,6 @@ def _image(volume: np.ndarray, voxel_mm: float) -> sitk.Image:
     return img
 
 
-def _zscore(volume: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    inside = volume[mask]
-    return np.where(mask, (volume - inside.mean()) / max(float(inside.std()), 1e-6), 0.0).astype(np.float32)
-
-
 def log_jacobian(volume: np.ndarray, template: np.ndarray, mask: np.ndarray, store_voxel_mm: float,
                  p: MorphometryParams = MorphometryParams()) -> np.ndarray:
     """log J of the demons deformation carrying `template` onto `volume` (both on the store's grid), on
@@ -97,8 +93,8 @@ def log_jacobian(volume: np.ndarray, template: np.ndarray, mask: np.ndarray, sto
         if shrink < 1 or abs(shrink - round(shrink)) > 1e-6:
             raise EndophenoError(f"preprocess.morphometry.levels_mm {voxel_mm:g}: must be a whole multiple of the "
                                  f"store's {store_voxel_mm:g} mm")
-    fixed_full = _image(_zscore(template, mask), store_voxel_mm)
-    moving_full = _image(_zscore(volume, mask), store_voxel_mm)
+    fixed_full = _image(zscore_inside(template, mask), store_voxel_mm)
+    moving_full = _image(zscore_inside(volume, mask), store_voxel_mm)
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     demons.SetStandardDeviations(p.smoothing_voxels)
     field = None
