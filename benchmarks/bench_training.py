@@ -20,7 +20,7 @@ import torch
 from _common import machine
 
 from endopheno.models.data import VolumeDataset, augmentation, brain_mask, pool_factor
-from endopheno.models.train import device_of, load_train_params, model_spec, task_loss
+from endopheno.models.train import device_of, layout_of, load_train_params, model_spec, task_loss
 from endopheno.models.architectures import build
 from endopheno.params import load_params
 from endopheno.volumes.preprocess import open_mni
@@ -44,7 +44,9 @@ def training_rates(spec, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, d
     steps = []
     for layout in layouts:
         torch.manual_seed(0)
-        net = build(spec.architecture, tuple(x.shape[2:]), x.shape[1], n_outputs, **spec.options).to(device, memory_format=layout)
+        net = build(spec.architecture, tuple(x.shape[2:]), x.shape[1], n_outputs, **spec.options)
+        layout = layout if layout_of(net) == layout else torch.contiguous_format   # slice2d: 2D convolutions
+        net.to(device, memory_format=layout)
         steps.append((net, torch.optim.AdamW(net.parameters(), lr=1e-3), layout))
 
     def one_pass(net, opt, layout, limit=None):

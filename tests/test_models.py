@@ -160,6 +160,22 @@ def test_fit_resumes_from_its_checkpoint_and_is_deterministic(tmp_path):
     assert [h["train_loss"] for h in resumed.history[:2]] == [h["train_loss"] for h in first.history]
 
 
+def test_fit_trains_2d_slice_networks_in_their_own_layout():
+    """Channels-last 3D cannot hold a Conv2d's weights: slice2d trains in the default layout."""
+    from endopheno.models.architectures import build
+    from endopheno.models.train import ModelSpec, fit, layout_of
+
+    x, y = torch.randn(8, 1, 8, 8, 8), (torch.arange(8) % 2).float()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    spec = ModelSpec("s", "slice2d", options={"widths": [4], "hidden": 4})
+    net = build("slice2d", (8, 8, 8), 1, 2, **spec.options)
+    assert layout_of(net) == torch.contiguous_format
+    assert layout_of(build("cnn3d", (8, 8, 8), 1, 2, widths=[4], kernels=[3], hidden=4)) == torch.channels_last_3d
+    result = fit(net, loader, loader, task="classification", spec=spec, epochs=1, device=torch.device("cpu"),
+                 amp=False, mask=torch.ones(8, 8, 8, dtype=torch.bool))
+    assert result.epochs == 1
+
+
 @pytest.mark.slow
 def test_train_cnn3d_registers_versions_with_champion_and_baseline(project):
     out = cli("train", "cnn3d", "--params", "params.yaml", cwd=project, check=0)

@@ -108,11 +108,17 @@ def model_spec(p: TrainParams, name: str) -> ModelSpec:
     return ModelSpec(**{**asdict(spec), "inputs": tuple(spec.inputs)})
 
 
-def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch of volumes [B, C, X, Y, Z] on `device` in the channels-last 3D layout: oneDNN's (and
-    cuDNN's) fast path for Conv3d; 1.3-1.8x the training throughput of cnn3d and 1.35-1.45x that of
-    autoencoder3d on a 2-core CPU (BENCHMARKS.md). `fit` puts the network's weights in the same layout."""
-    return x.to(device, non_blocking=True, memory_format=torch.channels_last_3d) if x.dim() == 5 else x.to(device)
+def layout_of(net: torch.nn.Module) -> torch.memory_format:
+    """The memory layout `fit` trains `net` in: channels-last 3D, oneDNN's (and cuDNN's) fast path for
+    Conv3d (1.3-1.8x the training throughput of cnn3d, 1.35-1.45x that of autoencoder3d on a 2-core CPU;
+    BENCHMARKS.md), unless the network holds 2D convolutions (slice2d), whose weights that layout cannot
+    hold."""
+    return torch.contiguous_format if any(w.dim() == 4 for w in net.parameters()) else torch.channels_last_3d
+
+
+def to_device(x: torch.Tensor, device: torch.device, layout: torch.memory_format) -> torch.Tensor:
+    """A batch of volumes [B, C, X, Y, Z] (or targets) on `device`, volumes in `layout`."""
+    return x.to(device, non_blocking=True, memory_format=layout) if x.dim() == 5 else x.to(device)
 
 
 def device_of(name: str) -> torch.device:
@@ -166,7 +172,8 @@ def fit(net: torch.nn.Module, train: torch.utils.data.DataLoader, validation: to
     holding its best epoch's weights. The warm-up keeps the first large steps from collapsing a small
     3D CNN onto one class, as a constant 1e-3 did on one fold of five on the phantom. With
     `checkpoint`, the state is saved after every epoch and a rerun resumes from it."""
-    net.to(device, memory_format=torch.channels_last_3d)
+    layout = layout_of(net)
+    net.to(device, memory_format=layout)
     mask = mask.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay)
     total_steps = max(epochs * len(train), 4)
@@ -197,7 +204,7 @@ def fit(net: torch.nn.Module, train: torch.utils.data.DataLoader, validation: to
             net.train()
             t0, total, n = time.perf_counter(), 0.0, 0
             for x, y in train:
-                x, y = to_device(x, device), y.to(device, non_blocking=True)
+                x, y = to_device(x, device, layout), y.to(device, non_blocking=True)
                 opt.zero_grad(set_to_none=True)
                 with torch.autocast(**autocast):
                     loss = task_loss(task, net(x), x, y, mask)
@@ -207,7 +214,7 @@ def fit(net: torch.nn.Module, train: torch.utils.data.DataLoader, validation: to
                 schedule.step()
                 total, n = total + float(loss.detach()) * len(x), n + len(x)
             seconds = time.perf_counter() - t0
-            val = evaluate_loss(net, validation, task=task, device=device, amp=amp, mask=mask)
+            val = evaluate_loss(net, validation, task=task, device=device, amp=amp, mask=mask, layout=layout)
             state["epoch"] += 1
             state["samples"] += n
             state["seconds"] += seconds
@@ -229,12 +236,12 @@ def fit(net: torch.nn.Module, train: torch.utils.data.DataLoader, validation: to
 
 
 @torch.no_grad()
-def evaluate_loss(net, loader, *, task, device, amp, mask) -> float:
+def evaluate_loss(net, loader, *, task, device, amp, mask, layout=torch.contiguous_format) -> float:
     net.eval()
     total, n = 0.0, 0
     autocast = dict(device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=amp)
     for x, y in loader:
-        x, y = to_device(x, device), y.to(device)
+        x, y = to_device(x, device, layout), y.to(device)
         with torch.autocast(**autocast):
             total += float(task_loss(task, net(x), x, y, mask.to(device))) * len(x)
         n += len(x)
