@@ -29,6 +29,7 @@ import pandas as pd
 
 from endopheno.errors import InputError
 
+
 @dataclass(frozen=True)
 class ValidateParams:
     """The `validate` section of params.yaml."""

@@ -117,8 +117,8 @@ def layout_of(net: torch.nn.Module) -> torch.memory_format:
 
 
 def to_device(x: torch.Tensor, device: torch.device, layout: torch.memory_format) -> torch.Tensor:
-    """A batch of volumes [B, C, X, Y, Z] (or targets) on `device`, volumes in `layout`."""
-    return x.to(device, non_blocking=True, memory_format=layout) if x.dim() == 5 else x.to(device)
+    """A batch of volumes [B, C, X, Y, Z] on `device`, in `layout`."""
+    return x.to(device, non_blocking=True, memory_format=layout)
 
 
 def device_of(name: str) -> torch.device:
@@ -236,7 +236,7 @@ def fit(net: torch.nn.Module, train: torch.utils.data.DataLoader, validation: to
 
 
 @torch.no_grad()
-def evaluate_loss(net, loader, *, task, device, amp, mask, layout=torch.contiguous_format) -> float:
+def evaluate_loss(net, loader, *, task, device, amp, mask, layout) -> float:
     net.eval()
     total, n = 0.0, 0
     autocast = dict(device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=amp)
