@@ -1,16 +1,19 @@
 """How well the preprocessed maps measure the phantom's true region volumes.
 
     python benchmarks/morphometry_phantom.py [--store stores/volumes.zarr] [--phantom data/phantom]
-    python benchmarks/morphometry_phantom.py --subjects 60 --levels 4 --levels 4,2:100,20
+    python benchmarks/morphometry_phantom.py --subjects 60 --levels 4 --levels 4,2:100,20 --levels 4,2:30,10:0.75
 
 The second form computes the log-Jacobian maps afresh for the first N subjects with each `--levels
-MM[,MM...][:ITERATIONS,...]` setting (`preprocess.morphometry.levels_mm` / `iterations`), one process,
-and reports the time per subject beside the correlations, side by side on the same subjects.
+MM[,MM...][:ITERATIONS,...][:SMOOTHING]` setting (`preprocess.morphometry.levels_mm` / `iterations` /
+`smoothing_voxels`), one process, and reports the time per subject beside the correlations, side by
+side on the same subjects.
 
 For each true region of the phantom (atlas/regions.nii.gz, on the store's grid): the mean
 of each map of the MNI store (the z-scored T1 and, when present, the log-Jacobian `logjac`) inside the
 region, its correlation with the true log volume relative to head size (what a template-space map can
-see: the affine step removes head size), and AD vs CN from the nine region means (logistic
+see: the affine step removes head size), the same correlation after regressing diagnosis, age, sex and
+site out of both (what a GWAS with those covariates sees: the planted variants act on this residual, so
+its correlation scales the variant's t statistic), and AD vs CN from the nine region means (logistic
 regression, 5-fold CV) beside the same from the true volumes (the ceiling).
 """
 
@@ -65,18 +68,26 @@ if __name__ == "__main__":
     template, mask, t1 = ds.template.values, ds.brain_mask.values, ds.T1w.values
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # as `endopheno preprocess` runs it: one core per subject
     for setting in a.levels:
-        levels, _, iterations = setting.partition(":")
+        levels, iterations, smoothing = (setting.split(":") + ["", ""])[:3]
         p = MorphometryParams(levels_mm=[float(v) for v in levels.split(",")],
-                              iterations=[int(v) for v in iterations.split(",")] if iterations else [100] * len(levels.split(",")))
+                              iterations=[int(v) for v in iterations.split(",")] if iterations else [100] * len(levels.split(",")),
+                              smoothing_voxels=float(smoothing) if smoothing else MorphometryParams.smoothing_voxels)
         t0 = time.perf_counter()
         logjac = np.stack([log_jacobian(v, template, mask, float(affine[0, 0]), p) for v in t1])
-        name = f"log J {list(p.levels_mm)} mm, {list(p.iterations)} it. ({(time.perf_counter() - t0) / len(t1):.1f} s/subject)"
+        name = f"log J {list(p.levels_mm)} mm, {list(p.iterations)} it., smoothing {p.smoothing_voxels:g} ({(time.perf_counter() - t0) / len(t1):.1f} s/subject)"
         means[name] = np.stack([logjac[:, labels == lab].mean(1) for lab in regions.label], 1)
         maps.append(name)
-    print(f"{len(y)} subjects; correlation of the region mean with the true log volume / head size³\n")
+    design = np.column_stack([np.ones(len(y)), y, truth.age, truth.sex == "M", pd.get_dummies(truth.site, drop_first=True)]).astype(float)
+
+    def residual(x: np.ndarray) -> np.ndarray:
+        return x - design @ np.linalg.lstsq(design, x, rcond=None)[0]
+
+    print(f"{len(y)} subjects; correlation of the region mean with the true log volume / head size³, "
+          "raw / after diagnosis, age, sex and site\n")
     print("| region | " + " | ".join(maps) + " |\n| --- |" + " --- |" * len(maps))
     for i, r in enumerate(regions.region):
-        print(f"| {r} | " + " | ".join(f"{np.corrcoef(means[m][:, i], true[:, i])[0, 1]:.2f}" for m in maps) + " |")
+        print(f"| {r} | " + " | ".join(f"{np.corrcoef(means[m][:, i], true[:, i])[0, 1]:.2f} / "
+                                       f"{np.corrcoef(residual(means[m][:, i]), residual(true[:, i]))[0, 1]:.2f}" for m in maps) + " |")
     print("\n| AD vs CN from the 9 region means (5-fold CV) | BA | AUC |\n| --- | --- | --- |")
     for m in maps:
         print(f"| {m} | {classify(means[m], y)[0]:.3f} | {classify(means[m], y)[1]:.3f} |")
