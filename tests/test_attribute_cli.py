@@ -124,6 +124,8 @@ def test_cnn3d_maps_in_mni_space_checks_and_scores_beside_the_svm_pattern(projec
     assert {"dice_top1", "dice_top5", "dice_top10", "auc", "pearson", "auc_randomised"} <= set(scores.columns)
     assert (scores.truth_voxels == 125).all()              # the 1 mm truth box, resampled through its affine
     assert scores.auc.between(0, 1).all()
+    heat = scores[scores.method != "svm_haufe"]
+    assert (heat.auc_se > 0).all() and (heat.auc_se < 0.5).all() and pd.isna(scores.auc_se.iloc[-1])
     checks = pd.read_csv(out / "checks.tsv", sep="\t").set_index("method")
     assert list(checks.status) == ["ok"] * 4
     assert checks.completeness_max["integrated_gradients"] < 0.05

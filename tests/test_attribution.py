@@ -16,7 +16,7 @@ from torch import nn
 from endopheno.attribution.heatmaps import (MethodNotApplicable, _fold_batchnorm, _gradcam, attribute,
                                             baseline_volume, completeness, randomised_copy, rank_correlation)
 from endopheno.attribution.nifti import group_average, write_map
-from endopheno.attribution.score import dice_at_top, haufe_pattern, roc_auc, score_map, top_voxels
+from endopheno.attribution.score import dice_at_top, haufe_pattern, jackknife_auc_se, roc_auc, score_map, top_voxels
 from endopheno.errors import InputError
 from endopheno.models.architectures import build
 from endopheno.models.volume_model import VolumeModel
@@ -366,6 +366,23 @@ def test_scores_of_perfect_and_reversed_maps():
     assert score_map(noisy, truth, mask) == perfect
     with pytest.raises(InputError, match="truth map"):
         roc_auc(truth, np.zeros(SHAPE), mask)
+
+
+def test_jackknife_error_of_a_group_maps_auc_matches_the_spread_over_draws():
+    rng = np.random.default_rng(0)
+    mask = np.ones(SHAPE, dtype=bool)
+    truth = np.where(rng.random(SHAPE) < 0.2, 1.0, 0.0)
+    same = np.stack([truth + rng.normal(0, 0.5, SHAPE)] * 6)       # six identical subjects: no spread
+    assert jackknife_auc_se(same, truth, mask) == pytest.approx(0.0, abs=1e-12)
+    assert np.isnan(jackknife_auc_se(same[:1], truth, mask))
+
+    def group(n):
+        return truth + rng.normal(0, 2.5, (n, *SHAPE))             # noisy subject maps around the truth
+
+    for n in (10, 40):
+        spread = np.std([roc_auc(group(n).mean(0), truth, mask) for _ in range(100)])   # independent draws
+        errors = [jackknife_auc_se(group(n), truth, mask) for _ in range(5)]
+        assert 0.5 * spread < np.median(errors) < 2.0 * spread
 
 
 def test_dice_against_a_binary_truth_by_hand():

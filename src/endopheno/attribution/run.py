@@ -16,7 +16,8 @@ the registry and reads the volume store as extraction does (`VolumeDataset` at t
 - With a truth map (the phantom's ``ground_truth/ad_atrophy_map.nii.gz``, resampled onto the model grid
   with its true affine): the positive group's map of each method scored against ``|truth| >
   truth_threshold`` (`score_map`: Dice at the top 1/5/10 %, ROC AUC, Pearson r with |truth|), beside
-  the randomised model's AUC and the baseline row ``svm_haufe``: the activation pattern (Haufe et al.
+  the AUC's jackknife standard error over the subjects averaged (``auc_se``), the
+  randomised model's AUC and the baseline row ``svm_haufe``: the activation pattern (Haufe et al.
   2014) of a linear SVM fitted on the cohort's voxels (``scores.tsv``).
 - For an autoencoder: the latent-to-region table (`endopheno.attribution.regions`) over the region atlas
   of `regions`, as ``latent_regions.parquet`` (the catalog's ``attribution.latent_regions`` view).
@@ -46,7 +47,7 @@ import torch
 from endopheno.attribution.heatmaps import (METHODS, MethodNotApplicable, attribute, completeness, randomised_copy,
                                             rank_correlation)
 from endopheno.attribution.nifti import group_average, write_map
-from endopheno.attribution.score import haufe_pattern, score_map
+from endopheno.attribution.score import haufe_pattern, jackknife_auc_se, score_map
 from endopheno.errors import InputError
 from endopheno.models.data import NON_FINITE, finite
 from endopheno.models.volume_model import VolumeModel
@@ -383,7 +384,7 @@ def _heatmaps(p: AttributeParams, model: VolumeModel, label: str, ds, out: Path,
         mean_image = (total / n).to(model.mask.device)
     kwargs = _attribute_kwargs(p, mean_image)
     randomised, n_random = None, min(p.randomisation_subjects, len(subjects))
-    group_maps = {}
+    group_maps, positive_maps = {}, {}
     for method in p.methods:
         t0 = time.perf_counter()
         try:
@@ -413,7 +414,7 @@ def _heatmaps(p: AttributeParams, model: VolumeModel, label: str, ds, out: Path,
             average = group_average(maps, members)
             write_map(out / f"{method}_{group}.nii.gz", average, model.affine)
             if group == positive:
-                group_maps[method] = average
+                group_maps[method], positive_maps[method] = average, maps[members]
         if p.subject_maps:
             for subject, m in zip(subjects, maps):
                 write_map(out / "subjects" / f"{subject}_{method}.nii.gz", m, model.affine)
@@ -435,6 +436,7 @@ def _heatmaps(p: AttributeParams, model: VolumeModel, label: str, ds, out: Path,
         if r.status != "ok":
             continue
         s = score_map(group_maps[r.method], scored, mask, binary_truth=True, threshold=p.truth_threshold)
+        s["auc_se"] = jackknife_auc_se(positive_maps[r.method], scored, mask, threshold=p.truth_threshold)
         control = group_maps.get(f"{r.method}.randomised")
         s["auc_randomised"] = (score_map(control, scored, mask, binary_truth=True, threshold=p.truth_threshold)["auc"]
                                if control is not None else math.nan)
