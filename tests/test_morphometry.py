@@ -61,6 +61,8 @@ def test_store_maps_are_incremental(preprocessed_store, tmp_path):
     shutil.copytree(preprocessed_store, store)
     ds = open_mni(store)
     assert ds["logjac"].shape == ds["T1w"].shape
+    group = zarr.open_group(str(store), path="mni", mode="r")
+    assert group["logjac"].compressors == group["T1w"].compressors   # read as fast as the volumes
     mask = ds.brain_mask.values
     maps = ds["logjac"].values
     assert np.isfinite(maps).all() and (maps[:, ~mask] == 0).all() and np.abs(maps[:, mask]).max() > 0.01

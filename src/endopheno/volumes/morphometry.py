@@ -132,8 +132,10 @@ def _arrays(g: zarr.Group, p: MorphometryParams, n: int, grid: tuple[int, int, i
         log.info("morphometry parameters changed: every log-Jacobian map is recomputed")
         del g[MAP], g[DONE]
     if MAP not in g:
+        # stored as the volumes are (preprocess.codec): models read both maps, and zarr's default (zstd)
+        # made the cnn3d loader 2.5x slower on log J than on T1 (BENCHMARKS.md)
         g.create_array(MAP, shape=(n, *grid), chunks=(1, *grid), dtype="float32", fill_value=np.nan,
-                       dimension_names=["subject", "x", "y", "z"],
+                       compressors=g[p.modality].compressors, dimension_names=["subject", "x", "y", "z"],
                        attributes={"description": f"log Jacobian determinant of the demons deformation carrying the template "
                                                   f"onto the subject's {p.modality} (> 0: larger than the template)",
                                    "units": "log ratio", "params": asdict(p), "params_digest": p.digest()})
