@@ -127,8 +127,7 @@ def jackknife_auc_se(maps, truth, mask, *, threshold: float = 0.0, signed: bool 
     maps, so its AUCs fall below the estimate (on noisy simulated maps the percentile interval missed the
     estimate entirely), while the jackknife's error matched the spread over independent draws."""
     positive = _truth_mask(truth, mask, threshold)
-    inside = np.asarray(mask) > 0
-    values = np.stack([np.asarray(m, dtype=np.float64)[inside] for m in maps])
+    values = np.stack([_inside(m, mask) for m in maps])
     n = len(values)
     if n < 2:
         return math.nan
