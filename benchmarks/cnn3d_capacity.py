@@ -1,0 +1,83 @@
+"""Why `cnn3d` stays below the linear SVM: variants of the network and of a linear model, trained by the
+same `fit` loop (AdamW, one-cycle, early stopping on the validation loss) on the same 5 outer folds,
+with every subject's pooled maps held in memory (~3 min per variant at 6 mm on 2 cores).
+
+    python benchmarks/cnn3d_capacity.py '{}' '{"arch": "linear"}' '{"seeds": 5}' \
+        '{"options": {"widths": [8], "kernels": [3], "dropout": 0.5}}'
+
+Each argument is one variant (JSON): ``options`` (architecture options over params.yaml's),
+``res`` (mm), ``lr``, ``wd``, ``epochs``, ``patience``; ``arch: linear`` (Flatten -> Linear, logistic
+regression on the voxels through the same loop); ``voxelwise`` (z-score each voxel with the training
+subjects' mean and SD instead of one mean and SD per map); ``coords`` (three coordinate channels, a
+location prior); ``seeds: k`` (average the probabilities of k networks: is the gap variance?); ``last``
+(keep the last epoch instead of the best validation loss; set ``patience`` high). Prints one line per
+variant: balanced accuracy and AUC, mean ± SD over the folds.
+"""
+
+import json
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from endopheno.models.architectures import build
+from endopheno.models.data import fit_normalisation
+from endopheno.models.splits import outer_folds
+from endopheno.models.train import Trainer, fit, load_train_params, model_spec, outputs, scores
+from endopheno.params import load_params
+
+
+def run(cfg: dict) -> str:
+    p = load_train_params({**load_params("train"), "resolution_mm": cfg.get("res", 6.0), "tracking_uri": None})
+    spec = model_spec(p, "cnn3d")
+    spec = replace(spec, options={**spec.options, **cfg.get("options", {})}, epochs=cfg.get("epochs", spec.epochs),
+                   patience=cfg.get("patience", spec.patience), learning_rate=cfg.get("lr", spec.learning_rate),
+                   weight_decay=cfg.get("wd", spec.weight_decay))
+    tr = Trainer(p, spec)
+    volumes, y, mask, cpu = tr.volumes, tr.data.target, tr.mask, torch.device("cpu")
+    splits = outer_folds(tr.data.groups, tr.data.strata, folds=p.folds, validation_fraction=p.validation_fraction, seed=p.seed)
+    ba, auc, t0 = [], [], time.time()
+    for s in splits:
+        if cfg.get("voxelwise"):
+            mean, sd = volumes[s.train].mean(0), volumes[s.train].std(0).clamp_min(1e-3)
+        else:
+            mean, sd = fit_normalisation(volumes[s.train], mask)
+        z = (volumes - mean) / sd * mask
+        if cfg.get("coords"):
+            grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, n) for n in z.shape[2:]], indexing="ij"))
+            z = torch.cat([z, grid.expand(len(z), -1, -1, -1, -1)], 1)
+
+        def loader(rows, shuffle):
+            data = torch.utils.data.TensorDataset(z[rows], torch.tensor(y[rows], dtype=torch.float32))
+            return torch.utils.data.DataLoader(data, batch_size=spec.batch_size, shuffle=shuffle,
+                                               generator=torch.Generator().manual_seed(s.fold))
+
+        probabilities = []
+        for k in range(cfg.get("seeds", 1)):
+            torch.manual_seed(p.seed + s.fold + 100 * k)
+            if cfg.get("arch") == "linear":
+                net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(z[0].numel(), 2))
+            else:
+                net = build(spec.architecture, tuple(z.shape[2:]), z.shape[1], 2, **spec.options)
+            last = {}
+            keep_last = (lambda _: last.update(state=copy_state(net))) if cfg.get("last") else None
+            fit(net, loader(s.train, True), loader(s.validation, False), task="classification", spec=spec,
+                epochs=spec.epochs, device=cpu, amp=False, mask=mask, on_epoch=keep_last)
+            if last:
+                net.load_state_dict(last["state"])
+            probabilities.append(outputs(net, loader(s.test, False), task="classification", device=cpu, mask=mask))
+        score = scores("classification", np.mean(probabilities, 0), y[s.test])
+        ba.append(score["balanced_accuracy"]), auc.append(score["auc"])
+    return (f"{json.dumps(cfg)}: BA {np.mean(ba):.3f} ± {np.std(ba, ddof=1):.3f}, AUC {np.mean(auc):.3f} ± "
+            f"{np.std(auc, ddof=1):.3f} ({time.time() - t0:.0f} s)")
+
+
+def copy_state(net: torch.nn.Module) -> dict:
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+if __name__ == "__main__":
+    for arg in sys.argv[1:] or ["{}"]:
+        print(run(json.loads(arg)), flush=True)
