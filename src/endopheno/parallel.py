@@ -95,9 +95,13 @@ def map_items(
         else:
             dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
             n = min(workers, len(items))
+            # Worker logs below CRITICAL are silenced: a worker whose heartbeat races the scheduler's
+            # shutdown logs a harmless "Failed to communicate with scheduler" traceback at ERROR
+            # (dask/distributed#7105, open). A worker that really dies still reaches us, as the
+            # KilledWorker its future raises.
             cluster = LocalCluster(
                 n_workers=n if processes else 1, threads_per_worker=1 if processes else n, processes=processes,
-                dashboard_address=None, silence_logs=logging.ERROR,
+                dashboard_address=None, silence_logs=logging.CRITICAL,
             )
             client = Client(cluster)
         try:
