@@ -14,6 +14,7 @@ location prior); ``seeds: k`` (average the probabilities of k networks: is the g
 variant: balanced accuracy and AUC, mean ± SD over the folds.
 """
 
+import copy
 import json
 import sys
 import time
@@ -22,6 +23,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from _common import machine
 from endopheno.models.architectures import build
 from endopheno.models.data import fit_normalisation
 from endopheno.models.splits import outer_folds
@@ -62,7 +64,7 @@ def run(cfg: dict) -> str:
             else:
                 net = build(spec.architecture, tuple(z.shape[2:]), z.shape[1], 2, **spec.options)
             last = {}
-            keep_last = (lambda _: last.update(state=copy_state(net))) if cfg.get("last") else None
+            keep_last = (lambda _: last.update(state=copy.deepcopy(net.state_dict()))) if cfg.get("last") else None
             fit(net, loader(s.train, True), loader(s.validation, False), task="classification", spec=spec,
                 epochs=spec.epochs, device=cpu, amp=False, mask=mask, on_epoch=keep_last)
             if last:
@@ -74,10 +76,7 @@ def run(cfg: dict) -> str:
             f"{np.std(auc, ddof=1):.3f} ({time.time() - t0:.0f} s)")
 
 
-def copy_state(net: torch.nn.Module) -> dict:
-    return {k: v.clone() for k, v in net.state_dict().items()}
-
-
 if __name__ == "__main__":
+    print(f"machine: {machine()}")
     for arg in sys.argv[1:] or ["{}"]:
         print(run(json.loads(arg)), flush=True)
