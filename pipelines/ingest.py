@@ -8,5 +8,6 @@ if __name__ == "__main__":
     p = params("ingest")
     kind = "manifest" if Path(p["source"]).suffix.lower() == ".csv" else "bids"
     run("ingest", {"store": p["store"], kind: p["source"],
-                   "allow_rejected": p.get("allow_rejected", False), "workers": p.get("workers") or None,
+                   "allow_rejected": p.get("allow_rejected", False), "digest_file": p.get("digest"),
+                   "workers": p.get("workers") or None,
                    "scheduler": params("dask").get("scheduler")})

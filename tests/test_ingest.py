@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 from endopheno.volumes.ingest import ingest, inputs_from_bids, inputs_from_manifest
-from endopheno.volumes.store import ScanKey, iter_native, read_native, scaled
+from endopheno.volumes.store import ScanKey, iter_native, native_digest, read_native, scaled
 
 from conftest import cli
 
@@ -178,8 +178,10 @@ def test_rerun_is_incremental(phantom_dir, tmp_path):
     store = tmp_path / "v.zarr"
     first = ingest(_bids(bids), store, workers=1)
     assert len(first.ingested) == 4
+    digest, items = native_digest(store)
     again = ingest(_bids(bids), store, workers=1)
     assert again.ingested == [] and len(again.unchanged) == 4
+    assert native_digest(store)[0] == digest
 
     files = sorted(bids.glob("sub-*/anat/*.nii.gz"))
     os.utime(files[0], ns=(time.time_ns(), time.time_ns() + 10**9))  # touched, same content
@@ -191,6 +193,11 @@ def test_rerun_is_incremental(phantom_dir, tmp_path):
     new = sorted((phantom_dir / "bids").glob("sub-*"))[4].name.removeprefix("sub-")
     assert sorted(third.ingested) == sorted([str(changed), str(ScanKey(new))])
     assert len(third.unchanged) == 3
+    # The digest DVC's later stages depend on follows content: the touched file keeps its hash, the changed one not.
+    touched = ScanKey(files[0].name.split("_")[0].removeprefix("sub-"))
+    digest3, items3 = native_digest(store)
+    assert digest3 != digest and items3[touched.path] == items[touched.path] and items3[changed.path] != items[changed.path]
+    assert len(items3) == 5
     assert np.allclose(scaled(zarr.open_array(str(store / changed.path), mode="r")), img.get_fdata(dtype=np.float32) * 2, rtol=1e-5)
 
 

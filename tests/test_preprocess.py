@@ -17,7 +17,8 @@ import pytest
 import xarray as xr
 
 from endopheno.volumes.ingest import ingest, inputs_from_manifest
-from endopheno.volumes.preprocess import PreprocessParams, preprocess, target_grid, to_sitk, transform_to_ras
+from endopheno.volumes.preprocess import (PreprocessParams, open_mni, preprocess, target_grid, to_sitk, transform_to_ras,
+                                          volume_store_digest)
 from endopheno.volumes.qc import mean_displacement, montage, qc_table
 
 from conftest import cli
@@ -110,13 +111,16 @@ def test_bad_subject_is_flagged_not_dropped(preprocessed_store, ingested_store, 
 def test_rerun_does_nothing_and_param_change_rebuilds(preprocessed_store, tmp_path):
     store = tmp_path / "v.zarr"
     shutil.copytree(preprocessed_store, store)
+    before = volume_store_digest(open_mni(store))
     report = preprocess(store, PreprocessParams(), workers=1)
     assert report.processed == [] and report.unchanged == 6
+    assert volume_store_digest(open_mni(store)) == before  # what DVC's later stages see: unchanged
     # A different output grid cannot share the array: the group is rebuilt at the new size.
     report = preprocess(store, PreprocessParams(voxel_size_mm=4.0), workers=1)
     assert len(report.processed) == 6
     ds = xr.open_zarr(store, group="mni")
     assert ds["T1w"].shape[1:] == target_grid(4.0, 6.0)[0]
+    assert volume_store_digest(ds) != before
 
 
 def test_kill_minus_nine_mid_preprocess(ingested_store, tmp_path):
@@ -144,9 +148,14 @@ def test_kill_minus_nine_mid_preprocess(ingested_store, tmp_path):
 def test_cli_preprocess_writes_qc(preprocessed_store, tmp_path):
     store = tmp_path / "v.zarr"
     shutil.copytree(preprocessed_store, store)
-    proc = cli("preprocess", "--store", str(store), "--workers", "1", "--params", str(tmp_path / "none.yaml"), check=0)
+    proc = cli("preprocess", "--store", str(store), "--workers", "1", "--params", str(tmp_path / "none.yaml"),
+               "--digest-file", str(tmp_path / "mni.json"), check=0)
     assert "0 processed, 6 unchanged" in proc.stderr
     assert (tmp_path / "qc" / "montage.png").exists() and (tmp_path / "qc" / "qc.tsv").exists()
+    ds = open_mni(store)
+    digest = json.loads((tmp_path / "mni.json").read_text())
+    assert digest["group"] == "mni" and digest["digest"] == volume_store_digest(ds)
+    assert sorted(digest["items"]) == sorted(ds["subject"].values.tolist())
 
 
 def test_unknown_codec_is_a_clear_error(ingested_store, tmp_path):

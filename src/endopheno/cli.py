@@ -23,6 +23,7 @@ err = Console(stderr=True, highlight=False)
 
 WORKERS = typer.Option(None, help="Parallel worker processes (default: one per core).")
 SCHEDULER = typer.Option(None, help="Address of an existing dask scheduler (e.g. tcp://host:8786) to run on.")
+DIGEST_FILE = typer.Option(None, help="Also write the group's content digest (JSON) here: a small file for DVC stages to depend on.")
 BFILE = typer.Option(None, help="PLINK 1 prefix: PREFIX.bed/.bim/.fam.")
 PFILE = typer.Option(None, help="PLINK 2 prefix: PREFIX.pgen/.pvar/.psam.")
 
@@ -67,11 +68,13 @@ def ingest(
     bids: Optional[Path] = typer.Option(None, help="BIDS dataset to ingest."),
     manifest: Optional[Path] = typer.Option(None, help="CSV with subject_id,path[,session,modality]."),
     allow_rejected: bool = typer.Option(False, help="Exit 0 even when some files were rejected."),
+    digest_file: Optional[Path] = DIGEST_FILE,
     workers: Optional[int] = WORKERS,
     scheduler: Optional[str] = SCHEDULER,
 ) -> None:
     """Validate NIfTI files and store them losslessly in the volume store (incremental)."""
     from endopheno.volumes.ingest import ingest as run, inputs_from_bids, inputs_from_manifest
+    from endopheno.volumes.store import NATIVE, native_digest, write_digest_file
 
     if (bids is None) == (manifest is None):
         raise EndophenoError("ingest: give exactly one of --bids DIR or --manifest FILE.csv")
@@ -82,6 +85,8 @@ def ingest(
         err.print(f"[red]rejected[/red] {what}: {reason}", soft_wrap=True)
     seconds = time.perf_counter() - t0
     err.print(f"{report.summary()} in {seconds:.1f} s ({len(report.ingested) / seconds:.1f} volumes/s)")
+    if digest_file:
+        write_digest_file(digest_file, NATIVE, *native_digest(store))
     if report.rejected and not allow_rejected:
         raise typer.Exit(1)
 
@@ -92,6 +97,7 @@ def preprocess(
     qc_dir: Optional[Path] = typer.Option(None, help="Where to write qc.tsv and montage.png (default: beside the store, in qc/)."),
     voxel_size: Optional[float] = typer.Option(None, help="Output voxel size in mm (default: params.yaml or 2)."),
     params: Path = typer.Option(Path("params.yaml"), help="Parameter file; its `preprocess` section is used if present."),
+    digest_file: Optional[Path] = DIGEST_FILE,
     workers: Optional[int] = WORKERS,
     scheduler: Optional[str] = SCHEDULER,
 ) -> None:
@@ -99,8 +105,9 @@ def preprocess(
     then the log-Jacobian maps of a non-linear registration to the template (tensor-based morphometry)."""
     from endopheno.params import from_section, load_params
     from endopheno.volumes.morphometry import MorphometryParams, morphometry
-    from endopheno.volumes.preprocess import PreprocessParams, open_mni, preprocess as run
+    from endopheno.volumes.preprocess import PreprocessParams, mni_digest, open_mni, preprocess as run
     from endopheno.volumes.qc import montage, qc_table
+    from endopheno.volumes.store import MNI, write_digest_file
 
     section = load_params(None, params).get("preprocess", {}) if params.exists() else {}
     p = PreprocessParams.from_dict({**section, **({"voxel_size_mm": voxel_size} if voxel_size else {})})
@@ -121,6 +128,8 @@ def preprocess(
     ds = open_mni(store)
     qc_table(ds).to_csv(qc_dir / "qc.tsv", sep="\t", index=False)
     montage(ds, qc_dir / "montage.png", p.modality)
+    if digest_file:
+        write_digest_file(digest_file, MNI, *mni_digest(ds))
     err.print(f"{report.summary()} in {seconds:.1f} s ({60 * len(report.processed) / seconds:.1f} subjects/min); QC in {qc_dir}")
     if report.failed:
         raise typer.Exit(1)

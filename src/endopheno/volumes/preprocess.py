@@ -40,7 +40,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from endopheno import mni
 from endopheno.errors import EndophenoError
 from endopheno.parallel import map_items
-from endopheno.volumes.store import MNI, ScanKey, image_from, iter_native, open_group, open_store, publish
+from endopheno.volumes.store import MNI, ScanKey, content_digest, image_from, iter_native, open_group, open_store, publish
 
 log = logging.getLogger(__name__)
 
@@ -397,10 +397,15 @@ def open_mni(store: str | Path) -> xr.Dataset:
 def volume_store_digest(ds: xr.Dataset) -> str:
     """The content digest of the MNI group: preprocessing parameters and every subject's source hash
     (preprocessing is deterministic, so these fix its output). Feature sets and training runs record it."""
-    h = hashlib.sha256(str(ds.attrs.get("params_digest", "")).encode())
-    for subject, sha in zip(ds.subject.values, ds.source_sha256.values):
-        h.update(f"{subject}:{sha}\n".encode())
+    return mni_digest(ds)[0]
+
+
+def mni_digest(ds: xr.Dataset) -> tuple[str, dict[str, str]]:
+    """`volume_store_digest` and what it is made of: subject -> source sha256 (and, where the log-Jacobian
+    map is done, the source sha256 it was computed from)."""
+    prefix = str(ds.attrs.get("params_digest", ""))
+    items = dict(zip(ds.subject.values.tolist(), ds.source_sha256.values.tolist()))
     if "logjac" in ds:  # the log-Jacobian maps: their knobs, and which rows are done
-        h.update(str(ds["logjac"].attrs.get("params_digest", "")).encode())
-        h.update("".join(ds["logjac_source_sha256"].values.tolist()).encode())
-    return h.hexdigest()[:16]
+        prefix += str(ds["logjac"].attrs.get("params_digest", ""))
+        items = {s: f"{sha} logjac:{lj}" for (s, sha), lj in zip(items.items(), ds["logjac_source_sha256"].values.tolist())}
+    return content_digest(items, prefix), items
