@@ -3,6 +3,7 @@ a planted group difference (real Zarr, real MLflow sqlite store, real Delta tabl
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -207,6 +208,34 @@ def test_train_cnn3d_registers_versions_with_champion_and_baseline(project):
     assert champion == [max(values, key=lambda v: (values[v], -v))]
     models = cli("models", "--tracking-uri", f"sqlite:///{project}/mlflow.db", cwd=project, check=0)
     assert "endopheno.cnn3d" in models.stdout and "champion" in models.stdout
+
+
+@pytest.mark.slow
+def test_a_moved_project_still_loads_its_registered_models(project, tmp_path):
+    """MLflow records absolute artifact paths: a copy of the project whose original is gone must load
+    its models from its own mlartifacts/, and a copy without them must say where they are missing."""
+    import mlflow
+
+    from endopheno.errors import InputError
+    from endopheno.models.extract import load_model
+
+    original = mlflow.MlflowClient(f"sqlite:///{project}/mlflow.db").get_model_version_download_uri("endopheno.cnn3d", "1")
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    weights = load_model("endopheno.cnn3d", "1").state_dict()
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(project, copy)
+    away = project / "mlartifacts.away"
+    (project / "mlartifacts").rename(away)           # the recorded place is gone
+    try:
+        mlflow.set_tracking_uri(f"sqlite:///{copy}/mlflow.db")
+        assert str(project) in mlflow.MlflowClient().get_model_version_download_uri("endopheno.cnn3d", "1") == original
+        moved = load_model("endopheno.cnn3d", "1").state_dict()
+        assert all(torch.equal(weights[k], moved[k]) for k in weights)
+        shutil.rmtree(copy / "mlartifacts")
+        with pytest.raises(InputError, match="endopheno.cnn3d/1: its artifacts are not at .*mlartifacts"):
+            load_model("endopheno.cnn3d", "1")
+    finally:
+        away.rename(project / "mlartifacts")
 
 
 @pytest.mark.slow

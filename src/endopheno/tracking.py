@@ -15,10 +15,34 @@ from collections.abc import Iterator
 from pathlib import Path
 
 DEFAULT_URI = "sqlite:///stores/mlflow.db"
+log = logging.getLogger(__name__)
 
 
 def tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def local_artifacts(uri: str) -> Path:
+    """The folder of a local artifact URI (``file:///…``), found again if the project has moved.
+
+    MLflow records artifact locations as absolute paths (mlflow/mlflow#3144, open), so a project folder
+    that was moved or copied keeps pointing at the old place. Then the part after ``mlartifacts/`` is
+    looked up beside the current sqlite store, where `mlflow_run` puts every artifact."""
+    from urllib.parse import unquote, urlparse
+
+    import mlflow
+
+    path = Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
+    if path.exists() or "mlartifacts" not in path.parts:
+        return path
+    current = mlflow.get_tracking_uri()
+    if current.startswith("sqlite:///"):
+        inside = path.parts[len(path.parts) - path.parts[::-1].index("mlartifacts"):]
+        moved = Path(current.removeprefix("sqlite:///")).parent / "mlartifacts" / Path(*inside)
+        if moved.exists():
+            log.info("artifacts recorded at %s read from %s (the project has moved)", path, moved)
+            return moved
+    return path
 
 
 def git_revision(cwd: str | Path = ".") -> str:

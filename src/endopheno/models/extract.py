@@ -63,7 +63,14 @@ def resolve(uri: str) -> tuple[str, str]:
 def load_model(name: str, version: str) -> VolumeModel:
     import mlflow.pytorch
 
-    model = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location="cpu")
+    from endopheno.tracking import local_artifacts
+
+    where = mlflow.MlflowClient().get_model_version_download_uri(name, version)
+    folder = local_artifacts(where) if where.startswith("file:") else None
+    if folder is not None and not folder.exists():
+        raise InputError(f"{name}/{version}", f"its artifacts are not at {folder} (was the MLflow store moved without "
+                         "its mlartifacts/ folder?)")
+    model = mlflow.pytorch.load_model(str(folder) if folder else f"models:/{name}/{version}", map_location="cpu")
     if not isinstance(model, VolumeModel):
         raise InputError(f"{name}/{version}", "is not an endopheno volume model")
     return model.eval()
