@@ -301,6 +301,9 @@ def test_sql_formats_refusals_errors_and_as_of(repo, tmp_path):
     assert json.loads(js)[0]["n"] > 0
     cli("sql", "SELECT * FROM genotypes.variants LIMIT 7", "--format", "parquet", "--out", str(tmp_path / "v.parquet"), cwd=repo, check=0)
     assert len(pd.read_parquet(tmp_path / "v.parquet")) == 7
+    wide = cli("sql", "PIVOT (FROM genotypes.dosages((SELECT list(id) FROM (FROM genotypes.variants LIMIT 2)))) "
+               "ON id USING first(dosage) GROUP BY iid", "--format", "csv", cwd=repo, check=0).stdout.splitlines()
+    assert wide[0].count(",") == 2 and len(wide) > 2   # iid + a column per variant, a row per sample
     # Run from elsewhere: the catalog finds its repository root.
     cli("sql", "SELECT count(*) FROM features.atlas_regions", "--catalog", str(repo / "stores" / "catalog.duckdb"),
         "--params", str(repo / "params.yaml"), cwd=tmp_path, check=0)
@@ -308,7 +311,8 @@ def test_sql_formats_refusals_errors_and_as_of(repo, tmp_path):
     for statement in ("INSERT INTO meta.feature_sets VALUES (1)", "DELETE FROM meta.feature_versions",
                       "UPDATE meta.feature_versions SET version = 0", "CREATE TABLE t AS SELECT 1",
                       "DROP VIEW features.atlas_regions", f"ATTACH '{tmp_path}/x.duckdb'",
-                      f"COPY (SELECT 1) TO '{tmp_path}/x.csv'", "SELECT 1; DROP VIEW features.atlas_regions"):
+                      f"COPY (SELECT 1) TO '{tmp_path}/x.csv'", "SELECT 1; DROP VIEW features.atlas_regions",
+                      "PIVOT meta.feature_sets ON name; DROP VIEW features.atlas_regions"):
         refused = cli("sql", statement, cwd=repo, check=2)
         assert "refused" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, statement
     assert not (tmp_path / "x.csv").exists() and not (tmp_path / "x.duckdb").exists()

@@ -1,13 +1,15 @@
 """The DVC pipeline on a fresh clone with a tiny cohort: `dvc repro` builds every output (models
 trained and registered, feature sets extracted, attribution, the catalog showing them, a GWAS per
-feature set, the validation metrics and the report), a second `dvc repro` does nothing, and an
-experiment changing one GWAS parameter reruns only the GWAS and what follows it."""
+feature set, the validation metrics and the report), every SQL query of the README runs on its catalog,
+a second `dvc repro` does nothing, and an experiment changing one GWAS parameter reruns only the GWAS
+and what follows it."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,15 @@ import yaml
 import xarray as xr
 
 from conftest import ROOT, small_params
+
+
+def readme_sql(readme: str) -> list[list[str]]:
+    """The README's `endopheno sql` command lines, and each statement of its ```sql blocks as one."""
+    commands = [shlex.split(line, comments=True) for line in re.findall(r"^endopheno sql .*$", readme, re.M)]
+    for block in re.findall(r"^```sql\n(.*?)^```", readme, re.S | re.M):
+        code = "\n".join(line for line in block.splitlines() if not line.lstrip().startswith("--"))
+        commands += [["endopheno", "sql", statement.strip()] for statement in code.split(";") if statement.strip()]
+    return commands
 
 
 @pytest.mark.slow
@@ -68,6 +79,13 @@ def test_dvc_repro_on_a_fresh_clone(tmp_path):
         assert con.sql("SELECT count(*) FROM features.ae_t1 WHERE f127 IS NOT NULL").fetchall()[0][0] == 16
     finally:
         os.chdir(ROOT)
+    con.close()
+    # What the README tells a new user to type must work on what `dvc repro` built.
+    queries = readme_sql((clone / "README.md").read_text())
+    assert len(queries) >= 8
+    for argv in queries:
+        done = subprocess.run(argv, cwd=clone, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"README: {shlex.join(argv)}\n{done.stdout}{done.stderr}"
     validation = json.loads((clone / "stores" / "validation" / "validation.json").read_text())
     assert set(validation["feature_sets"]) == {"atlas_regions", "ae_t1", "cnn3d_t1", "ae_t1_random"}
     assert all(s["planted"] == 2 for s in validation["feature_sets"].values())
