@@ -77,6 +77,11 @@ def test_dvc_repro_on_a_fresh_clone(tmp_path):
             rows, models = con.sql(f"SELECT count(*), any_value(model_name) FROM features.{name}").fetchall()[0]
             assert rows == 16 and models == model
         assert con.sql("SELECT count(*) FROM features.ae_t1 WHERE f127 IS NOT NULL").fetchall()[0][0] == 16
+        # The catalog shows the results of the stages before it: every GWAS, with its lineage.
+        runs = {r[0] for r in con.sql("SELECT DISTINCT run FROM gwas.results").fetchall()}
+        assert runs == {"atlas_regions", "ae_t1", "cnn3d_t1", "ae_t1_random"}, runs
+        assert con.sql("SELECT count(*) FROM meta.lineage WHERE gwas_run_id IS NOT NULL AND feature_set_version IS NOT NULL"
+                       ).fetchall()[0][0] == 4
     finally:
         os.chdir(ROOT)
     con.close()
@@ -99,11 +104,12 @@ def test_dvc_repro_on_a_fresh_clone(tmp_path):
     status = subprocess.run(["dvc", "status"], cwd=clone, env=env, capture_output=True, text=True)
     assert "up to date" in status.stdout
 
-    # One GWAS knob: the four scans, validation and report rerun; nothing upstream does.
+    # One GWAS knob: the four scans, the catalog that shows them, validation and report rerun; nothing upstream does.
     exp = subprocess.run(["dvc", "exp", "run", "-S", "gwas.transform=inverse_normal"], cwd=clone, env=env,
                          capture_output=True, text=True)
     assert exp.returncode == 0, exp.stdout + exp.stderr
     ran = set(re.findall(r"Running stage '([^']+)'", exp.stdout))
-    assert ran == {"gwas@atlas_regions", "gwas@ae_t1", "gwas@cnn3d_t1", "gwas@ae_t1_random", "validate", "report"}, ran
+    assert ran == {"gwas@atlas_regions", "gwas@ae_t1", "gwas@cnn3d_t1", "gwas@ae_t1_random", "catalog", "validate",
+                   "report"}, ran
     shown = subprocess.run(["dvc", "exp", "show", "--csv"], cwd=clone, env=env, capture_output=True, text=True)
     assert shown.returncode == 0 and "inverse_normal" in shown.stdout

@@ -652,15 +652,16 @@ def models(tracking_uri: Optional[str] = typer.Option(None, help="MLflow trackin
 
 
 def _feature_set_cohort(target: str, out: Path, params: Path, covar: Optional[Path]):
-    """Export a feature set's analysis cohort (the catalog's SQL join) as the GWAS's pheno/covar tables."""
-    from endopheno.featurestore.catalog import connect
+    """Export a feature set's analysis cohort (the catalog's SQL join, on the stores as they are now) as
+    the GWAS's pheno/covar tables."""
+    from endopheno.featurestore.catalog import cohort_catalog
     from endopheno.featurestore.cohort import export
 
     name, _, version = target.partition("@")
     if version and not version.isdigit():
         raise EndophenoError(f"gwas: --feature-set {target}: the version after @ must be a number")
     cp = _catalog_params(params)
-    con = connect(cp.path)
+    con = cohort_catalog(cp)
     written = export(con, name, out, cp.covariates, int(version) if version else None)
     chosen = json.loads(Path(f"{written['pheno.tsv']}.lineage.json").read_text())["version"]
     err.print(f"gwas: feature set {name} v{chosen}: analysis cohort written to {out}")

@@ -216,19 +216,21 @@ def joined_select(features: str, covariates: list[str], pc_cols: str) -> str:
         LEFT JOIN genotypes.removed_samples r ON r.iid = f.subject_id"""
 
 
-def _genotype_views(con, p: CatalogParams, root: Path) -> bool:
+def _genotype_views(con, p: CatalogParams, root: Path, dosages: bool = True) -> bool:
     if not p.genotypes or not (root / p.genotypes / "samples.parquet").exists():
         return False
     g = Path(p.genotypes)
-    exports = root / p.exports
-    exports.mkdir(parents=True, exist_ok=True)
-    dosages = export_dosage_rows(root / g, exports / f"dosages_{g.name}.parquet").relative_to(root)
     con.execute(f"CREATE VIEW genotypes.samples AS SELECT * EXCLUDE (file_row_number), file_row_number + 1 AS sample_index "
                 f"FROM read_parquet({q(g / 'samples.parquet')}, file_row_number=true)")
     con.execute(f"CREATE VIEW genotypes.variants AS SELECT * FROM read_parquet({q(g / 'variants.parquet')})")
     con.execute("CREATE VIEW genotypes.pcs AS SELECT fid, iid, COLUMNS('^pc[0-9]+$') FROM genotypes.samples")
     con.execute(f"CREATE VIEW genotypes.removed_samples AS SELECT * FROM read_parquet({q(g / 'removed_samples.parquet')})")
-    con.execute(f"CREATE VIEW genotypes.dosage_rows AS SELECT * FROM read_parquet({q(dosages)})")
+    if not dosages:
+        return True
+    exports = root / p.exports
+    exports.mkdir(parents=True, exist_ok=True)
+    rows = export_dosage_rows(root / g, exports / f"dosages_{g.name}.parquet").relative_to(root)
+    con.execute(f"CREATE VIEW genotypes.dosage_rows AS SELECT * FROM read_parquet({q(rows)})")
     con.execute("CREATE MACRO genotypes.dosages(ids) AS TABLE SELECT d.id, s.iid, d.dosages[s.sample_index] AS dosage "
                 "FROM genotypes.dosage_rows d CROSS JOIN genotypes.samples s WHERE list_contains(ids, d.id) "
                 "ORDER BY d.id, s.sample_index")
@@ -300,6 +302,28 @@ def _attribution_views(con, p: CatalogParams, root: Path) -> None:
         con.execute(f"CREATE VIEW attribution.{name} AS SELECT {model}* {'EXCLUDE (filename) ' if model else ''}FROM {read}")
 
 
+def _data_views(con, p: CatalogParams, root: Path, dosages: bool = True) -> tuple[dict[str, int], bool]:
+    """The features, meta, genotypes and cohort schemas: what the catalog holds before any result."""
+    # Views hold paths relative to the root and DuckDB binds them when they are created.
+    con.execute(f"SET file_search_path = {q(root)}")
+    for schema in ("features", "cohort", "genotypes", "gwas", "meta", "attribution"):
+        con.execute(f"CREATE SCHEMA {schema}")
+    versions = _feature_views(con, p, root)
+    _definitions(con, p, root)
+    genotyped = _genotype_views(con, p, root, dosages)
+    _cohort_views(con, p, root, sorted(versions), genotyped)
+    return versions, genotyped
+
+
+def cohort_catalog(p: CatalogParams, root: str | Path = ".") -> duckdb.DuckDBPyConnection:
+    """The catalog's feature, genotype and cohort views, built afresh in memory from the stores (no
+    dosage export, no results). A GWAS reads its analysis cohort from here rather than from the
+    catalog file: that file is built after the GWAS, so that it shows the GWAS's results too."""
+    con = duckdb.connect()
+    _data_views(con, p, Path(root).resolve(), dosages=False)
+    return con
+
+
 def build_catalog(p: CatalogParams, root: str | Path = ".") -> dict:
     """Rebuild the catalog from every store (paths in `p` relative to `root`). Returns a summary."""
     t0 = time.perf_counter()
@@ -312,14 +336,7 @@ def build_catalog(p: CatalogParams, root: str | Path = ".") -> dict:
         # The released command-line client (duckdb-cli 1.5) reads storage formats up to 1.5's; the
         # Python package (2.x) would otherwise write one that client refuses.
         con = duckdb.connect(str(tmp), config={"storage_compatibility_version": "v1.5.0"})
-        # Views hold paths relative to the root and DuckDB binds them when they are created.
-        con.execute(f"SET file_search_path = {q(root)}")
-        for schema in ("features", "cohort", "genotypes", "gwas", "meta", "attribution"):
-            con.execute(f"CREATE SCHEMA {schema}")
-        versions = _feature_views(con, p, root)
-        _definitions(con, p, root)
-        genotyped = _genotype_views(con, p, root)
-        _cohort_views(con, p, root, sorted(versions), genotyped)
+        versions, genotyped = _data_views(con, p, root)
         _gwas_views(con, p, root)
         _gwas_runs(con, p, root)
         _attribution_views(con, p, root)
