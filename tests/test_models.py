@@ -375,3 +375,63 @@ def test_champion_is_only_compared_on_the_same_inputs_grid_and_volumes(tmp_path)
     assert not set_champion("endopheno.m", worse, "masked_mse", higher=False) and champion() == first
     other_volumes = version(0.50, "b")
     assert set_champion("endopheno.m", other_volumes, "masked_mse", higher=False) and champion() == other_volumes
+
+
+def test_varimax_recovers_a_rotated_simple_structure():
+    """Loadings where each column owns its own block of voxels, mixed by a random rotation: varimax
+    undoes the mixing (up to order and sign)."""
+    from endopheno.models.rotation import varimax
+
+    rng = np.random.default_rng(0)
+    p, k = 300, 5
+    simple = np.zeros((p, k))
+    for j in range(k):
+        simple[j * 60:(j + 1) * 60, j] = rng.uniform(0.5, 1.5, 60)
+    mixed = simple @ np.linalg.qr(rng.normal(size=(k, k)))[0]
+    match = lambda a: np.abs(np.corrcoef(a.T, simple.T)[:k, k:])   # noqa: E731
+    assert match(mixed).max(1).min() < 0.9
+    found = match(mixed @ varimax(mixed))
+    assert (found.max(1) > 0.999).all() and sorted(found.argmax(1)) == list(range(k))
+
+
+def test_a_folded_rotation_keeps_reconstructions_and_whitens_the_code():
+    from endopheno.models.architectures import build
+    from endopheno.models.rotation import rotate_latent
+
+    torch.manual_seed(0)
+    net = build("autoencoder3d", (8, 8, 8), latent=6, widths=[4, 8]).eval()
+    x = torch.randn(40, 1, 8, 8, 8)
+    with torch.no_grad():
+        code = net.encode(x)
+        before = net.decode(code)
+    change = rotate_latent(net, code.numpy(), x.flatten(1).numpy())
+    with torch.no_grad():
+        rotated = net.encode(x)
+        after = net.decode(rotated)
+    assert torch.allclose(after, before, atol=1e-4)
+    z = rotated.double().numpy()
+    assert np.allclose(z.mean(0), 0, atol=1e-4) and np.allclose(np.cov(z.T), np.eye(6), atol=1e-4)
+    assert change["varimax_after"] > change["varimax_before"]
+    with pytest.raises(ValueError, match="more than 6 subjects"):
+        rotate_latent(net, z[:5], x[:5].flatten(1).numpy())
+
+
+def test_training_with_rotation_registers_a_whitened_latent_and_refuses_a_tiny_cohort(project):
+    from endopheno.models.extract import load_model
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    ae = {"architecture": "autoencoder3d", "task": "reconstruction", "rotation": "varimax", "folds": 2, "epochs": 2,
+          "patience": 2, "batch_size": 8}
+    params["train"]["models"].update(ae_varimax={**ae, "options": {"latent": 8, "widths": [4, 8]}},
+                                     ae_too_wide={**ae, "options": {"latent": 48, "widths": [4, 8]}})
+    (project / "params_rotation.yaml").write_text(yaml.safe_dump(params))
+    refused = cli("train", "ae_too_wide", "--params", "params_rotation.yaml", cwd=project, check=2)
+    assert "rotation" in refused.stderr and "48" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    cli("train", "ae_varimax", "--params", "params_rotation.yaml", cwd=project, check=0)
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    model = load_model("endopheno.ae_varimax", "1")
+    volumes = torch.from_numpy(xr.open_zarr(project / "volumes.zarr", group="mni")["T1w"].values[:, None])
+    z = model.predict(volumes).double().numpy()     # the final model was fitted on all 48 subjects
+    assert np.allclose(z.mean(0), 0, atol=1e-3) and np.allclose(np.cov(z.T), np.eye(8), atol=1e-3)

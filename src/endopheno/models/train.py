@@ -36,6 +36,7 @@ from endopheno.errors import InputError
 from endopheno.models.architectures import build
 from endopheno.models.data import (TaskData, VolumeDataset, augmentation, brain_mask, fit_normalisation, pool_factor,
                                    task_data)
+from endopheno.models.rotation import rotate_latent
 from endopheno.models.splits import Split, check_split, outer_folds
 from endopheno.models.volume_model import VolumeModel, model_grid_affine
 from endopheno.params import from_section
@@ -68,6 +69,7 @@ class ModelSpec:
     restarts: int = 1                   # new initialisations for a network whose validation loss never beats chance
     top_k: int = 5                      # patch27: patches combined in the final network
     patch_epochs: int = 10              # patch27: epochs of the 27 single-patch networks
+    rotation: str | None = None         # reconstruction: `varimax` rotates the final latent (models/rotation.py)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ def model_spec(p: TrainParams, name: str) -> ModelSpec:
     spec = from_section(ModelSpec, {"name": name, **p.models[name]}, f"train.models.{name}")
     if spec.task not in SELECTION:
         raise InputError(f"train.models.{name}", f"task {spec.task!r} is not one of {', '.join(SELECTION)}")
+    if spec.rotation not in (None, "varimax") or (spec.rotation and spec.task != "reconstruction"):
+        raise InputError(f"train.models.{name}", f"rotation {spec.rotation!r}: only `varimax`, of a reconstruction model's latent")
     return ModelSpec(**{**asdict(spec), "inputs": tuple(spec.inputs)})
 
 
@@ -466,6 +470,9 @@ class Trainer:
         from endopheno.tracking import mlflow_run
 
         p, spec, data = self.p, self.spec, self.data
+        if spec.rotation and p.final_model and len(data) <= (latent := self.net(p.seed).embedding_dim):
+            raise InputError(f"train.models.{spec.name}.rotation", f"a varimax rotation of the {latent}-dim latent needs "
+                             f"more subjects than that ({len(data)}); set it to null for so small a cohort")
         splits = outer_folds(data.groups, data.strata, folds=p.folds, validation_fraction=p.validation_fraction, seed=p.seed)
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         run_file = self.checkpoints / "mlflow_run_id"
@@ -552,16 +559,34 @@ class Trainer:
         net, norm, scale, result, info = self.train_split(split, seed, on_epoch, self.checkpoints / "final.pt",
                                                             f"{self.spec.name} final")
         mlflow.log_params({"final_best_epoch": result.best_epoch, **{f"final_{k}": v for k, v in info.items()}})
+        untrained = self.net(seed)
+        if self.spec.rotation:
+            # The baseline is rotated alike, so that comparing the two measures what training adds.
+            for label, network in (("final", net), ("untrained", untrained)):
+                mlflow.log_metrics({f"{label}_{k}": v for k, v in self.rotate(network, split, norm).items()})
         model = self.volume_model(net, norm, scale)
         report.version = register(model, f"{REGISTRY_PREFIX}{self.spec.name}", report, self.spec, self.p)
         metric, higher = SELECTION[self.spec.task]
         report.champion = set_champion(f"{REGISTRY_PREFIX}{self.spec.name}", report.version, metric, higher)
         if self.spec.task == "reconstruction":
             # The untrained baseline, registered beside it: its features must be beaten to be worth anything.
-            untrained = self.volume_model(self.net(seed), norm, scale)
+            untrained = self.volume_model(untrained, norm, scale)
             version = register(untrained, f"{REGISTRY_PREFIX}{self.spec.name}_untrained", report, self.spec, self.p,
                                untrained=True)
             set_champion(f"{REGISTRY_PREFIX}{self.spec.name}_untrained", version, None, True)
+
+    def rotate(self, net, split: Split, norm) -> dict[str, float]:
+        """Varimax-rotate the latent of `net` over the final model's subjects (models/rotation.py)."""
+        rows = np.sort(np.r_[split.train, split.validation])
+        codes, inputs = [], []
+        net = net.to(self.device).eval()
+        with torch.no_grad():
+            for x, _ in self.loader(rows, norm, (0.0, 1.0), shuffle=False, seed=0):
+                x = x.to(self.device)
+                codes.append(net.encode(x).double().cpu().numpy())
+                inputs.append(x[:, :, self.mask.to(self.device)].flatten(1).double().cpu().numpy())
+        net.cpu()
+        return rotate_latent(net, np.concatenate(codes), np.concatenate(inputs))
 
     def volume_model(self, net, norm, scale) -> VolumeModel:
         return VolumeModel(net.cpu().eval(), architecture=self.spec.architecture, task=self.spec.task,
