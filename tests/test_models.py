@@ -353,7 +353,8 @@ def test_the_svr_baseline_predicts_a_target_far_from_zero_in_its_units():
 
 def test_champion_is_only_compared_on_the_same_inputs_grid_and_volumes(tmp_path):
     """A worse version on the same volumes stays behind the champion; a version trained after the volumes
-    changed (recomputed maps, new subjects) takes the alias whatever its metric: the old one's is moot."""
+    changed (recomputed maps, new subjects) or with its latent rotated otherwise takes the alias whatever
+    its metric: the old one's is moot."""
     import mlflow
 
     from endopheno.models.train import set_champion
@@ -362,8 +363,9 @@ def test_champion_is_only_compared_on_the_same_inputs_grid_and_volumes(tmp_path)
     client = mlflow.MlflowClient()
     client.create_registered_model("endopheno.m")
 
-    def version(cv: float, digest: str) -> str:
-        tags = {"inputs": "logjac", "resolution_mm": "6.0", "volume_store_digest": digest, "cv_value": str(cv)}
+    def version(cv: float, digest: str, rotation: str = "None") -> str:
+        tags = {"inputs": "logjac", "resolution_mm": "6.0", "volume_store_digest": digest, "cv_value": str(cv),
+                "rotation": rotation}
         return client.create_model_version("endopheno.m", str(tmp_path), tags=tags).version
 
     def champion() -> str:
@@ -375,6 +377,8 @@ def test_champion_is_only_compared_on_the_same_inputs_grid_and_volumes(tmp_path)
     assert not set_champion("endopheno.m", worse, "masked_mse", higher=False) and champion() == first
     other_volumes = version(0.50, "b")
     assert set_champion("endopheno.m", other_volumes, "masked_mse", higher=False) and champion() == other_volumes
+    rotated = version(0.50, "b", rotation="varimax")     # the same error, other features
+    assert set_champion("endopheno.m", rotated, "masked_mse", higher=False) and champion() == rotated
 
 
 def test_varimax_recovers_a_rotated_simple_structure():

@@ -670,7 +670,8 @@ def register(model: VolumeModel, name: str, report: TrainReport, spec: ModelSpec
     metric, _ = SELECTION[spec.task]
     tags = {"task": spec.task, "architecture": spec.architecture, "folds": str(p.folds), "metric": metric,
             "cv_value": "" if untrained else f"{report.summary[f'{metric}_mean']:.6f}", "untrained": str(untrained).lower(),
-            "inputs": ",".join(spec.inputs), "resolution_mm": str(p.resolution_mm), "training_run": report.run_id}
+            "inputs": ",".join(spec.inputs), "resolution_mm": str(p.resolution_mm), "rotation": str(spec.rotation),
+            "training_run": report.run_id}
     client = mlflow.MlflowClient()
     tags["volume_store_digest"] = client.get_run(report.run_id).data.tags.get("volume_store_digest", "")
     for k, v in tags.items():
@@ -682,8 +683,9 @@ def set_champion(name: str, version: str, metric: str | None, higher: bool) -> b
     """Give `version` the alias ``champion`` when its cross-validated metric beats the current champion's
     (or there is none; `metric` None: always). Metrics of models reading other input maps, another grid or
     other volumes (the store's digest: recomputed maps, new subjects) are not comparable (a reconstruction
-    error of T1 vs of log-Jacobian maps): then the new version, which is what params.yaml and the store
-    now hold, takes the alias. Returns whether it did."""
+    error of T1 vs of log-Jacobian maps), nor are endophenotypes whose latent is rotated differently (the
+    same reconstruction error, other features): then the new version, which is what params.yaml and the
+    store now hold, takes the alias. Returns whether it did."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -693,7 +695,7 @@ def set_champion(name: str, version: str, metric: str | None, higher: bool) -> b
         current = None
     tags = client.get_model_version(name, version).tags
     comparable = current is not None and all(current.tags.get(k) == tags.get(k)
-                                                 for k in ("inputs", "resolution_mm", "volume_store_digest"))
+                                                 for k in ("inputs", "resolution_mm", "volume_store_digest", "rotation"))
     if comparable and metric is not None and current.tags.get("cv_value"):
         new = float(tags["cv_value"])
         old = float(current.tags["cv_value"])
