@@ -353,7 +353,7 @@ def test_the_svr_baseline_predicts_a_target_far_from_zero_in_its_units():
 
 def test_champion_is_only_compared_on_the_same_inputs_grid_and_volumes(tmp_path):
     """A worse version on the same volumes stays behind the champion; a version trained after the volumes
-    changed (recomputed maps, new subjects) or with its latent rotated otherwise takes the alias whatever
+    changed (recomputed maps, new subjects) or whose latent has other axes takes the alias whatever
     its metric: the old one's is moot."""
     import mlflow
 
@@ -363,9 +363,9 @@ def test_champion_is_only_compared_on_the_same_inputs_grid_and_volumes(tmp_path)
     client = mlflow.MlflowClient()
     client.create_registered_model("endopheno.m")
 
-    def version(cv: float, digest: str, rotation: str = "None") -> str:
+    def version(cv: float, digest: str, basis: str = "None") -> str:
         tags = {"inputs": "logjac", "resolution_mm": "6.0", "volume_store_digest": digest, "cv_value": str(cv),
-                "rotation": rotation}
+                "basis": basis}
         return client.create_model_version("endopheno.m", str(tmp_path), tags=tags).version
 
     def champion() -> str:
@@ -377,30 +377,36 @@ def test_champion_is_only_compared_on_the_same_inputs_grid_and_volumes(tmp_path)
     assert not set_champion("endopheno.m", worse, "masked_mse", higher=False) and champion() == first
     other_volumes = version(0.50, "b")
     assert set_champion("endopheno.m", other_volumes, "masked_mse", higher=False) and champion() == other_volumes
-    rotated = version(0.50, "b", rotation="varimax")     # the same error, other features
-    assert set_champion("endopheno.m", rotated, "masked_mse", higher=False) and champion() == rotated
+    components = version(0.50, "b", basis="ica")     # the same error, other features
+    assert set_champion("endopheno.m", components, "masked_mse", higher=False) and champion() == components
 
 
-def test_varimax_recovers_a_rotated_simple_structure():
-    """Loadings where each column owns its own block of voxels, mixed by a random rotation: varimax
-    undoes the mixing (up to order and sign)."""
-    from endopheno.models.rotation import varimax
+def test_independent_components_do_not_depend_on_the_axes_the_code_came_with():
+    """Sparse spatial sources seen through a code: the same network with its code mixed by another
+    invertible map gives the same components, in the same order and sign."""
+    from endopheno.models.basis import independent_components
 
     rng = np.random.default_rng(0)
-    p, k = 300, 5
-    simple = np.zeros((p, k))
-    for j in range(k):
-        simple[j * 60:(j + 1) * 60, j] = rng.uniform(0.5, 1.5, 60)
-    mixed = simple @ np.linalg.qr(rng.normal(size=(k, k)))[0]
-    match = lambda a: np.abs(np.corrcoef(a.T, simple.T)[:k, k:])   # noqa: E731
-    assert match(mixed).max(1).min() < 0.9
-    found = match(mixed @ varimax(mixed))
-    assert (found.max(1) > 0.999).all() and sorted(found.argmax(1)) == list(range(k))
+    n, k, voxels = 200, 6, 500
+    maps = rng.laplace(size=(k, voxels)) * (rng.random((k, voxels)) < 0.2)   # sparse, non-Gaussian
+    loadings = rng.normal(size=(n, k))
+    inputs = loadings @ maps + 0.1 * rng.normal(size=(n, voxels))
+    codes = loadings @ rng.normal(size=(k, k)) + 3.0
+    mixed = codes @ rng.normal(size=(k, k))
+    a = [(z - m) @ t for z in (codes, mixed) for m, t in [independent_components(z, inputs)]]
+    assert np.allclose(a[0], a[1], atol=1e-3)
+    assert np.allclose(a[0].std(0, ddof=1), 1) and np.allclose(a[0].mean(0), 0, atol=1e-9)
+    # each component is one of the planted sources (up to the noise of 200 subjects); the code's axes were not
+    match = lambda z: np.abs(np.corrcoef(z.T, loadings.T)[:k, k:])   # noqa: E731
+    assert match(codes).max(1).min() < 0.8
+    assert (match(a[0]).max(1) > 0.93).all() and sorted(match(a[0]).argmax(1)) == list(range(k))
+    with pytest.raises(ValueError, match="more than 6 subjects"):
+        independent_components(codes[:6], inputs[:6])
 
 
-def test_a_folded_rotation_keeps_reconstructions_and_whitens_the_code():
+def test_a_folded_basis_keeps_reconstructions():
     from endopheno.models.architectures import build
-    from endopheno.models.rotation import rotate_latent
+    from endopheno.models.basis import fold_into
 
     torch.manual_seed(0)
     net = build("autoencoder3d", (8, 8, 8), latent=6, widths=[4, 8]).eval()
@@ -408,34 +414,32 @@ def test_a_folded_rotation_keeps_reconstructions_and_whitens_the_code():
     with torch.no_grad():
         code = net.encode(x)
         before = net.decode(code)
-    change = rotate_latent(net, code.numpy(), x.flatten(1).numpy())
+    mean, a = code.double().numpy().mean(0), np.random.default_rng(1).normal(size=(6, 6))
+    fold_into(net, mean, a)
     with torch.no_grad():
-        rotated = net.encode(x)
-        after = net.decode(rotated)
+        new = net.encode(x)
+        after = net.decode(new)
     assert torch.allclose(after, before, atol=1e-4)
-    z = rotated.double().numpy()
-    assert np.allclose(z.mean(0), 0, atol=1e-4) and np.allclose(np.cov(z.T), np.eye(6), atol=1e-4)
-    assert change["varimax_after"] > change["varimax_before"]
-    with pytest.raises(ValueError, match="more than 6 subjects"):
-        rotate_latent(net, z[:5], x[:5].flatten(1).numpy())
+    assert np.allclose(new.double().numpy(), (code.double().numpy() - mean) @ a, atol=1e-4)
 
 
-def test_training_with_rotation_registers_a_whitened_latent_and_refuses_a_tiny_cohort(project):
+def test_training_with_an_ica_basis_registers_it_and_refuses_a_tiny_cohort(project):
     from endopheno.models.extract import load_model
 
     params = yaml.safe_load((project / "params.yaml").read_text())
-    ae = {"architecture": "autoencoder3d", "task": "reconstruction", "rotation": "varimax", "folds": 2, "epochs": 2,
+    ae = {"architecture": "autoencoder3d", "task": "reconstruction", "basis": "ica", "folds": 2, "epochs": 2,
           "patience": 2, "batch_size": 8}
-    params["train"]["models"].update(ae_varimax={**ae, "options": {"latent": 8, "widths": [4, 8]}},
+    params["train"]["models"].update(ae_ica={**ae, "options": {"latent": 8, "widths": [4, 8]}},
                                      ae_too_wide={**ae, "options": {"latent": 48, "widths": [4, 8]}})
-    (project / "params_rotation.yaml").write_text(yaml.safe_dump(params))
-    refused = cli("train", "ae_too_wide", "--params", "params_rotation.yaml", cwd=project, check=2)
-    assert "rotation" in refused.stderr and "48" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
-    cli("train", "ae_varimax", "--params", "params_rotation.yaml", cwd=project, check=0)
+    (project / "params_basis.yaml").write_text(yaml.safe_dump(params))
+    refused = cli("train", "ae_too_wide", "--params", "params_basis.yaml", cwd=project, check=2)
+    assert "basis" in refused.stderr and "48" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    cli("train", "ae_ica", "--params", "params_basis.yaml", cwd=project, check=0)
+    assert registry(project)[("endopheno.ae_ica", 1)][1]["basis"] == "ica"
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
-    model = load_model("endopheno.ae_varimax", "1")
+    model = load_model("endopheno.ae_ica", "1")
     volumes = torch.from_numpy(xr.open_zarr(project / "volumes.zarr", group="mni")["T1w"].values[:, None])
     z = model.predict(volumes).double().numpy()     # the final model was fitted on all 48 subjects
-    assert np.allclose(z.mean(0), 0, atol=1e-3) and np.allclose(np.cov(z.T), np.eye(8), atol=1e-3)
+    assert np.allclose(z.mean(0), 0, atol=1e-3) and np.allclose(z.std(0, ddof=1), 1, atol=1e-3)

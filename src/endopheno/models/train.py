@@ -36,7 +36,7 @@ from endopheno.errors import InputError
 from endopheno.models.architectures import build
 from endopheno.models.data import (TaskData, VolumeDataset, augmentation, brain_mask, fit_normalisation, pool_factor,
                                    task_data)
-from endopheno.models.rotation import rotate_latent
+from endopheno.models.basis import fold_into, independent_components
 from endopheno.models.splits import Split, check_split, outer_folds
 from endopheno.models.volume_model import VolumeModel, model_grid_affine
 from endopheno.params import from_section
@@ -69,7 +69,7 @@ class ModelSpec:
     restarts: int = 1                   # new initialisations for a network whose validation loss never beats chance
     top_k: int = 5                      # patch27: patches combined in the final network
     patch_epochs: int = 10              # patch27: epochs of the 27 single-patch networks
-    rotation: str | None = None         # reconstruction: `varimax` rotates the final latent (models/rotation.py)
+    basis: str | None = None            # reconstruction: `ica`, the final latent's axes as independent components (models/basis.py)
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,8 @@ def model_spec(p: TrainParams, name: str) -> ModelSpec:
     spec = from_section(ModelSpec, {"name": name, **p.models[name]}, f"train.models.{name}")
     if spec.task not in SELECTION:
         raise InputError(f"train.models.{name}", f"task {spec.task!r} is not one of {', '.join(SELECTION)}")
-    if spec.rotation not in (None, "varimax") or (spec.rotation and spec.task != "reconstruction"):
-        raise InputError(f"train.models.{name}", f"rotation {spec.rotation!r}: only `varimax`, of a reconstruction model's latent")
+    if spec.basis not in (None, "ica") or (spec.basis and spec.task != "reconstruction"):
+        raise InputError(f"train.models.{name}", f"basis {spec.basis!r}: only `ica`, of a reconstruction model's latent")
     return ModelSpec(**{**asdict(spec), "inputs": tuple(spec.inputs)})
 
 
@@ -470,8 +470,8 @@ class Trainer:
         from endopheno.tracking import mlflow_run
 
         p, spec, data = self.p, self.spec, self.data
-        if spec.rotation and p.final_model and len(data) <= (latent := self.net(p.seed).embedding_dim):
-            raise InputError(f"train.models.{spec.name}.rotation", f"a varimax rotation of the {latent}-dim latent needs "
+        if spec.basis and p.final_model and len(data) <= (latent := self.net(p.seed).embedding_dim):
+            raise InputError(f"train.models.{spec.name}.basis", f"independent components of the {latent}-dim latent need "
                              f"more subjects than that ({len(data)}); set it to null for so small a cohort")
         splits = outer_folds(data.groups, data.strata, folds=p.folds, validation_fraction=p.validation_fraction, seed=p.seed)
         self.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -560,10 +560,10 @@ class Trainer:
                                                             f"{self.spec.name} final")
         mlflow.log_params({"final_best_epoch": result.best_epoch, **{f"final_{k}": v for k, v in info.items()}})
         untrained = self.net(seed)
-        if self.spec.rotation:
-            # The baseline is rotated alike, so that comparing the two measures what training adds.
-            for label, network in (("final", net), ("untrained", untrained)):
-                mlflow.log_metrics({f"{label}_{k}": v for k, v in self.rotate(network, split, norm).items()})
+        if self.spec.basis:
+            # The baseline gets the same treatment, so that comparing the two measures what training adds.
+            for network in (net, untrained):
+                self.independent_basis(network, split, norm)
         model = self.volume_model(net, norm, scale)
         report.version = register(model, f"{REGISTRY_PREFIX}{self.spec.name}", report, self.spec, self.p)
         metric, higher = SELECTION[self.spec.task]
@@ -575,8 +575,9 @@ class Trainer:
                                untrained=True)
             set_champion(f"{REGISTRY_PREFIX}{self.spec.name}_untrained", version, None, True)
 
-    def rotate(self, net, split: Split, norm) -> dict[str, float]:
-        """Varimax-rotate the latent of `net` over the final model's subjects (models/rotation.py)."""
+    def independent_basis(self, net, split: Split, norm) -> None:
+        """Give the latent of `net` independent-component axes, fitted on the final model's subjects
+        (models/basis.py)."""
         rows = np.sort(np.r_[split.train, split.validation])
         codes, inputs = [], []
         net = net.to(self.device).eval()
@@ -586,7 +587,7 @@ class Trainer:
                 codes.append(net.encode(x).double().cpu().numpy())
                 inputs.append(x[:, :, self.mask.to(self.device)].flatten(1).double().cpu().numpy())
         net.cpu()
-        return rotate_latent(net, np.concatenate(codes), np.concatenate(inputs))
+        fold_into(net, *independent_components(np.concatenate(codes), np.concatenate(inputs), seed=self.p.seed))
 
     def volume_model(self, net, norm, scale) -> VolumeModel:
         return VolumeModel(net.cpu().eval(), architecture=self.spec.architecture, task=self.spec.task,
@@ -670,7 +671,7 @@ def register(model: VolumeModel, name: str, report: TrainReport, spec: ModelSpec
     metric, _ = SELECTION[spec.task]
     tags = {"task": spec.task, "architecture": spec.architecture, "folds": str(p.folds), "metric": metric,
             "cv_value": "" if untrained else f"{report.summary[f'{metric}_mean']:.6f}", "untrained": str(untrained).lower(),
-            "inputs": ",".join(spec.inputs), "resolution_mm": str(p.resolution_mm), "rotation": str(spec.rotation),
+            "inputs": ",".join(spec.inputs), "resolution_mm": str(p.resolution_mm), "basis": str(spec.basis),
             "training_run": report.run_id}
     client = mlflow.MlflowClient()
     tags["volume_store_digest"] = client.get_run(report.run_id).data.tags.get("volume_store_digest", "")
@@ -683,7 +684,7 @@ def set_champion(name: str, version: str, metric: str | None, higher: bool) -> b
     """Give `version` the alias ``champion`` when its cross-validated metric beats the current champion's
     (or there is none; `metric` None: always). Metrics of models reading other input maps, another grid or
     other volumes (the store's digest: recomputed maps, new subjects) are not comparable (a reconstruction
-    error of T1 vs of log-Jacobian maps), nor are endophenotypes whose latent is rotated differently (the
+    error of T1 vs of log-Jacobian maps), nor are endophenotypes whose latent has other axes (`basis`: the
     same reconstruction error, other features): then the new version, which is what params.yaml and the
     store now hold, takes the alias. Returns whether it did."""
     import mlflow
@@ -695,7 +696,7 @@ def set_champion(name: str, version: str, metric: str | None, higher: bool) -> b
         current = None
     tags = client.get_model_version(name, version).tags
     comparable = current is not None and all(current.tags.get(k) == tags.get(k)
-                                                 for k in ("inputs", "resolution_mm", "volume_store_digest", "rotation"))
+                                                 for k in ("inputs", "resolution_mm", "volume_store_digest", "basis"))
     if comparable and metric is not None and current.tags.get("cv_value"):
         new = float(tags["cv_value"])
         old = float(current.tags["cv_value"])
