@@ -63,6 +63,19 @@ def best_direction(features: np.ndarray, truth: np.ndarray, seed: int = 0) -> tu
     return predicted, 1 - ((truth - predicted) ** 2).sum() / ((truth - truth.mean()) ** 2).sum()
 
 
+def causal_dosages(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The phantom's causal variants (with `column`: each one's dosage column) and their dosages by IID."""
+    causal = pd.read_csv(root / load_params("phantom", root / "params.yaml")["out"] / "ground_truth" / "causal_variants.tsv", sep="\t")
+    source = load_params("genotypes", root / "params.yaml")["source"]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "ids").write_text("\n".join(causal["id"]) + "\n")
+        subprocess.run(["plink2", "--bfile", str(root / source), "--extract", f"{tmp}/ids", "--export", "A",
+                        "--out", f"{tmp}/causal"], check=True, capture_output=True)
+        raw = pd.read_csv(f"{tmp}/causal.raw", sep=r"\s+").set_index("IID")
+    causal["column"] = [next(c for c in raw.columns if c.startswith(f"{v}_")) for v in causal["id"]]
+    return causal, raw
+
+
 def logjac_pcs(root: Path, subjects: list[str], covariates: np.ndarray, k: int) -> np.ndarray:
     train = load_params("train", root / "params.yaml")
     ds = open_mni(root / train["store"])
@@ -83,16 +96,9 @@ def main() -> None:
     ap.add_argument("--pcs", type=int, default=128)
     a = ap.parse_args()
     root = a.root
-    truth_dir = root / load_params("phantom", root / "params.yaml")["out"] / "ground_truth"
-    causal = pd.read_csv(truth_dir / "causal_variants.tsv", sep="\t")
-    volumes = pd.read_csv(truth_dir / "subjects.tsv", sep="\t").set_index("subject_id")
-    source = load_params("genotypes", root / "params.yaml")["source"]
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "ids").write_text("\n".join(causal["id"]) + "\n")
-        subprocess.run(["plink2", "--bfile", str(root / source), "--extract", f"{tmp}/ids", "--export", "A",
-                        "--out", f"{tmp}/causal"], check=True, capture_output=True)
-        raw = pd.read_csv(f"{tmp}/causal.raw", sep=r"\s+").set_index("IID")
-    dosage_columns = {v: next(c for c in raw.columns if c.startswith(f"{v}_")) for v in causal["id"]}
+    volumes = pd.read_csv(root / load_params("phantom", root / "params.yaml")["out"] / "ground_truth" / "subjects.tsv",
+                          sep="\t").set_index("subject_id")
+    causal, raw = causal_dosages(root)
 
     rows = []
     for name in [*a.sets, f"PCA{a.pcs}"]:
@@ -113,7 +119,7 @@ def main() -> None:
         threshold = stats.t.isf(5e-8 / y.shape[1] / 2, df)
         cells = []
         for _, v in causal.iterrows():
-            dosage = raw.loc[subjects, dosage_columns[v["id"]]].to_numpy(float)
+            dosage = raw.loc[subjects, v["column"]].to_numpy(float)
             ok = ~np.isnan(dosage)  # a missing call: the subject is left out, as plink2 does
             g = residualise(dosage[ok], c[ok])
             true = residualise(np.log(volumes.loc[subjects, f"volume_{v['region']}"].to_numpy())[ok], c[ok])

@@ -17,8 +17,8 @@ covariance); non-Gaussian (sparse) spatial sources, which ICA needs. The transfo
 images only), so testing its dimensions against genotypes is as valid as testing the raw code's. It
 depends on the span of the code, not on its axes: the same network with its code mixed by any invertible
 map gives the same components (`tests/test_models.py`). A varimax rotation of the same patterns
-(Kaiser 1958) was tried first and dropped: in 128 dimensions its optimum is so flat that six starts
-reached the same criterion with different axes (BENCHMARKS.md). Off by default: the components have unit
+(Kaiser 1958) was tried first and dropped: in 128 dimensions its optimum is so flat that five starts
+reached the same criterion with different axes (BENCHMARKS.md, `benchmarks/latent_axes.py`). Off by default: the components have unit
 variance each, so a ridge regression on them loses the trained code's variance ordering (BENCHMARKS.md).
 """
 
