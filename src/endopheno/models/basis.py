@@ -18,8 +18,9 @@ images only), so testing its dimensions against genotypes is as valid as testing
 depends on the span of the code, not on its axes: the same network with its code mixed by any invertible
 map gives the same components (`tests/test_models.py`). A varimax rotation of the same patterns
 (Kaiser 1958) was tried first and dropped: in 128 dimensions its optimum is so flat that five starts
-reached the same criterion with different axes (BENCHMARKS.md, `benchmarks/latent_axes.py`). Off by default: the components have unit
-variance each, so a ridge regression on them loses the trained code's variance ordering (BENCHMARKS.md).
+reached the same criterion with different axes (BENCHMARKS.md, `benchmarks/latent_axes.py`). Off by
+default: the components have unit variance each, so a ridge regression on them loses the trained
+code's variance ordering (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -41,14 +42,15 @@ def independent_components(codes: np.ndarray, inputs: np.ndarray, seed: int = 0)
     if n <= k:
         raise ValueError(f"independent components of a {k}-dim code need more than {k} subjects, got {n}")
     mean = codes.mean(0)
-    _, s, vt = np.linalg.svd(codes - mean, full_matrices=False)
-    whiten = vt.T / s * np.sqrt(n - 1)                          # (z - mean) @ whiten: identity covariance
+    z = codes - mean
+    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    whiten = vt.T / s * np.sqrt(n - 1)                          # z @ whiten: identity covariance
     centred = inputs - inputs.mean(0)
-    patterns = centred.T @ ((codes - mean) @ whiten) / (n - 1)  # voxels × k
+    patterns = centred.T @ (z @ whiten) / (n - 1)               # voxels × k
     ica = FastICA(n_components=k, whiten="unit-variance", random_state=seed, max_iter=1000).fit(patterns)
     a = whiten @ ica.components_.T
-    a /= ((codes - mean) @ a).std(0, ddof=1)
-    maps = centred.T @ ((codes - mean) @ a) / (n - 1)
+    a /= (z @ a).std(0, ddof=1)
+    maps = centred.T @ (z @ a) / (n - 1)
     order = np.argsort(-(maps ** 2).sum(0))
     signs = np.sign(maps[np.abs(maps).argmax(0), np.arange(k)])
     return mean, (a * signs)[:, order]

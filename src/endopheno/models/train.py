@@ -34,9 +34,9 @@ from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, roc_au
 
 from endopheno.errors import InputError
 from endopheno.models.architectures import build
+from endopheno.models.basis import fold_into, independent_components
 from endopheno.models.data import (TaskData, VolumeDataset, augmentation, brain_mask, fit_normalisation, pool_factor,
                                    task_data)
-from endopheno.models.basis import fold_into, independent_components
 from endopheno.models.splits import Split, check_split, outer_folds
 from endopheno.models.volume_model import VolumeModel, model_grid_affine
 from endopheno.params import from_section
@@ -562,8 +562,7 @@ class Trainer:
         untrained = self.net(seed)
         if self.spec.basis:
             # The baseline gets the same treatment, so that comparing the two measures what training adds.
-            for network in (net, untrained):
-                self.independent_basis(network, split, norm)
+            self.independent_basis((net, untrained), split, norm)
         model = self.volume_model(net, norm, scale)
         report.version = register(model, f"{REGISTRY_PREFIX}{self.spec.name}", report, self.spec, self.p)
         metric, higher = SELECTION[self.spec.task]
@@ -575,19 +574,22 @@ class Trainer:
                                untrained=True)
             set_champion(f"{REGISTRY_PREFIX}{self.spec.name}_untrained", version, None, True)
 
-    def independent_basis(self, net, split: Split, norm) -> None:
-        """Give the latent of `net` independent-component axes, fitted on the final model's subjects
-        (models/basis.py)."""
+    def independent_basis(self, nets, split: Split, norm) -> None:
+        """Give the latent of each of `nets` independent-component axes, fitted on the final model's
+        subjects, whose volumes are read once for all (models/basis.py)."""
         rows = np.sort(np.r_[split.train, split.validation])
-        codes, inputs = [], []
-        net = net.to(self.device).eval()
+        codes, inputs = [[] for _ in nets], []
+        for net in nets:
+            net.to(self.device).eval()
         with torch.no_grad():
             for x, _ in self.loader(rows, norm, (0.0, 1.0), shuffle=False, seed=0):
                 x = x.to(self.device)
-                codes.append(net.encode(x).double().cpu().numpy())
+                for net, code in zip(nets, codes):
+                    code.append(net.encode(x).double().cpu().numpy())
                 inputs.append(x[:, :, self.mask.to(self.device)].flatten(1).double().cpu().numpy())
-        net.cpu()
-        fold_into(net, *independent_components(np.concatenate(codes), np.concatenate(inputs), seed=self.p.seed))
+        inputs = np.concatenate(inputs)
+        for net, code in zip(nets, codes):
+            fold_into(net.cpu(), *independent_components(np.concatenate(code), inputs, seed=self.p.seed))
 
     def volume_model(self, net, norm, scale) -> VolumeModel:
         return VolumeModel(net.cpu().eval(), architecture=self.spec.architecture, task=self.spec.task,
