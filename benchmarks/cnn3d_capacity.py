@@ -6,7 +6,8 @@ with every subject's pooled maps held in memory (~3 min per variant at 6 mm on 2
         '{"options": {"widths": [8], "kernels": [3], "dropout": 0.5}}'
 
 Each argument is one variant (JSON): ``options`` (architecture options over params.yaml's),
-``res`` (mm), ``lr``, ``wd``, ``epochs``, ``patience``; ``arch: linear`` (Flatten -> Linear, logistic
+``res`` (mm), ``lr``, ``wd``, ``epochs``, ``patience``, ``batch_size``, ``mixup`` (Beta α); ``no_bn``
+(the BatchNorm layers left out); ``smooth`` (Gaussian SD in voxels applied to the maps first); ``arch: linear`` (Flatten -> Linear, logistic
 regression on the voxels through the same loop); ``voxelwise`` (z-score each voxel with the training
 subjects' mean and SD instead of one mean and SD per map); ``coords`` (three coordinate channels, a
 location prior); ``seeds: k`` (average the probabilities of k networks: is the gap variance?); ``last``
@@ -36,9 +37,15 @@ def run(cfg: dict) -> str:
     spec = model_spec(p, "cnn3d")
     spec = replace(spec, options={**spec.options, **cfg.get("options", {})}, epochs=cfg.get("epochs", spec.epochs),
                    patience=cfg.get("patience", spec.patience), learning_rate=cfg.get("lr", spec.learning_rate),
-                   weight_decay=cfg.get("wd", spec.weight_decay))
+                   weight_decay=cfg.get("wd", spec.weight_decay), mixup=cfg.get("mixup", spec.mixup),
+                   batch_size=cfg.get("batch_size", spec.batch_size))
     tr = Trainer(p, spec)
     volumes, y, mask, cpu = tr.volumes, tr.data.target, tr.mask, torch.device("cpu")
+    if cfg.get("smooth"):
+        from scipy.ndimage import gaussian_filter
+
+        sigma = (0, 0, *(cfg["smooth"],) * 3)
+        volumes = torch.from_numpy(gaussian_filter(volumes.numpy(), sigma)) * mask
     splits = outer_folds(tr.data.groups, tr.data.strata, folds=p.folds, validation_fraction=p.validation_fraction, seed=p.seed)
     ba, auc, t0 = [], [], time.time()
     for s in splits:
@@ -63,6 +70,9 @@ def run(cfg: dict) -> str:
                 net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(z[0].numel(), 2))
             else:
                 net = build(spec.architecture, tuple(z.shape[2:]), z.shape[1], 2, **spec.options)
+                if cfg.get("no_bn"):
+                    for block in net.features[:-3]:
+                        block[1] = torch.nn.Identity()
             last = {}
             keep_last = (lambda _: last.update(state=copy.deepcopy(net.state_dict()))) if cfg.get("last") else None
             fit(net, loader(s.train, True), loader(s.validation, False), task="classification", spec=spec,

@@ -161,6 +161,18 @@ def test_fit_resumes_from_its_checkpoint_and_is_deterministic(tmp_path):
     assert [h["train_loss"] for h in resumed.history[:2]] == [h["train_loss"] for h in first.history]
 
 
+def test_mixup_blends_each_subject_with_the_partner_whose_label_it_returns():
+    from endopheno.models.train import _mixup
+
+    torch.manual_seed(3)
+    y = torch.arange(8).float()                      # label = the subject's index
+    x = y[:, None, None, None, None].expand(-1, 1, 2, 2, 2).clone()   # every voxel holds it too
+    mixed, partner, share = _mixup(x, y, 0.4)
+    assert 0 < share < 1 and sorted(partner.tolist()) == y.tolist() and not torch.equal(partner, y)
+    # each blended volume is share · own + (1 − share) · the partner named by the second label
+    assert torch.allclose(mixed[:, 0, 0, 0, 0], share * y + (1 - share) * partner)
+
+
 def test_fit_trains_2d_slice_networks_in_their_own_layout():
     """Channels-last 3D cannot hold a Conv2d's weights: slice2d trains in the default layout."""
     from endopheno.models.architectures import build

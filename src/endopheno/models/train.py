@@ -66,6 +66,7 @@ class ModelSpec:
     patience: int = 8                   # epochs without a better validation loss before stopping
     folds: int | None = None            # outer folds for this model (null: train.folds)
     augment: dict | None = None         # data.augmentation knobs
+    mixup: float = 0.0                  # classification: Beta(a, a) mixup of batch pairs (Zhang et al. 2018); 0 = off
     restarts: int = 1                   # new initialisations for a network whose validation loss never beats chance
     top_k: int = 5                      # patch27: patches combined in the final network
     patch_epochs: int = 10              # patch27: epochs of the 27 single-patch networks
@@ -107,6 +108,8 @@ def model_spec(p: TrainParams, name: str) -> ModelSpec:
     spec = from_section(ModelSpec, {"name": name, **p.models[name]}, f"train.models.{name}")
     if spec.task not in SELECTION:
         raise InputError(f"train.models.{name}", f"task {spec.task!r} is not one of {', '.join(SELECTION)}")
+    if not spec.mixup >= 0:
+        raise InputError(f"train.models.{name}", f"mixup must be a Beta parameter > 0, or 0 for none; got {spec.mixup!r}")
     if spec.basis not in (None, "ica") or (spec.basis and spec.task != "reconstruction"):
         raise InputError(f"train.models.{name}", f"basis {spec.basis!r}: only `ica`, of a reconstruction model's latent")
     return ModelSpec(**{**asdict(spec), "inputs": tuple(spec.inputs)})
@@ -211,7 +214,12 @@ def fit(net: torch.nn.Module, train: torch.utils.data.DataLoader, validation: to
                 x, y = to_device(x, device, layout), y.to(device, non_blocking=True)
                 opt.zero_grad(set_to_none=True)
                 with torch.autocast(**autocast):
-                    loss = task_loss(task, net(x), x, y, mask)
+                    if spec.mixup > 0 and task == "classification":
+                        x, y2, share = _mixup(x, y, spec.mixup)
+                        out = net(x)
+                        loss = share * task_loss(task, out, x, y, mask) + (1 - share) * task_loss(task, out, x, y2, mask)
+                    else:
+                        loss = task_loss(task, net(x), x, y, mask)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
@@ -237,6 +245,16 @@ def fit(net: torch.nn.Module, train: torch.utils.data.DataLoader, validation: to
     net.load_state_dict(state["best"])
     net.to(memory_format=torch.contiguous_format)  # the registered model holds ordinary tensors
     return FitResult(state["best_epoch"], state["best_loss"], state["epoch"], state["samples"], state["seconds"], state["history"])
+
+
+def _mixup(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup (Zhang, Cisse, Dauphin & Lopez-Paz 2018, ICLR): the batch blended with a shuffled copy of itself,
+    x' = λ·x + (1 − λ)·x[perm], λ ~ Beta(α, α), trained against both labels weighted λ and 1 − λ. On a
+    log-Jacobian map a blend of two subjects is a plausible subject (local volumes mix linearly). Draws
+    come from torch's generator, which `fit`'s caller seeds."""
+    share = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(len(x)).to(x.device)
+    return share * x + (1 - share) * x[perm], y[perm], share
 
 
 @torch.no_grad()
@@ -607,9 +625,15 @@ class Trainer:
         for s in splits:
             fold[s.test] = s.fold
         table = pd.DataFrame({"subject": self.data.subjects, "target": self.data.target, "test_fold": fold})
-        dataset = mlflow.data.from_pandas(table, source=str(Path(self.p.store).resolve()), name=f"{self.p.store} mni",
-                                          digest=self.digest)
-        mlflow.log_input(dataset, context="training")
+        with warnings.catch_warnings():
+            # Two hints MLflow prints for every dataset that do not apply: it registers its local-artifact
+            # source class twice (so "can be interpreted in multiple ways"), and it warns that integer
+            # columns cannot hold missing values (subject folds and classes have none).
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted", category=UserWarning)
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
+            dataset = mlflow.data.from_pandas(table, source=str(Path(self.p.store).resolve()), name=f"{self.p.store} mni",
+                                              digest=self.digest)
+            mlflow.log_input(dataset, context="training")
         flat = {**{k: v for k, v in asdict(self.spec).items() if k not in ("options", "augment")},
                 **{f"option_{k}": v for k, v in self.spec.options.items()},
                 **{f"augment_{k}": v for k, v in (self.spec.augment or {}).items()},
