@@ -23,7 +23,7 @@ largest variance.
 Reads a finished `dvc repro` (stores/gwas/<set>/cohort, the volume store, data/phantom/ground_truth)
 from the repository root; plink2 extracts the planted variants' dosages.
 
-    python benchmarks/latent_information.py [--root .] [--sets atlas_regions ae_t1 ae_t1_random cnn3d_t1] [--pcs 128]
+    python benchmarks/latent_information.py [--root .] [--sets atlas_regions ae_t1 ae_t1_random cnn3d_t1] [--pcs 128] [--resolution 6 --resolution 2]
 """
 
 import argparse
@@ -76,12 +76,12 @@ def causal_dosages(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return causal, raw
 
 
-def logjac_pcs(root: Path, subjects: list[str], covariates: np.ndarray, k: int) -> np.ndarray:
+def logjac_pcs(root: Path, subjects: list[str], covariates: np.ndarray, k: int, resolution_mm: float) -> np.ndarray:
     train = load_params("train", root / "params.yaml")
     ds = open_mni(root / train["store"])
     index = {s: i for i, s in enumerate(ds.subject.values.tolist())}
     maps = np.nan_to_num(ds["logjac"].values[[index[s] for s in subjects]])
-    factor = round(train["resolution_mm"] / float(ds.x.values[1] - ds.x.values[0]))
+    factor = round(resolution_mm / float(ds.x.values[1] - ds.x.values[0]))
     pooled = torch.nn.functional.avg_pool3d(torch.from_numpy(maps)[:, None], factor, ceil_mode=True)
     x = pooled.reshape(len(subjects), -1).double().numpy()
     x = residualise(x[:, x.std(0) > 0], covariates)
@@ -94,6 +94,8 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("."))
     ap.add_argument("--sets", nargs="+", default=["atlas_regions", "ae_t1", "ae_t1_random", "cnn3d_t1"])
     ap.add_argument("--pcs", type=int, default=128)
+    ap.add_argument("--resolution", type=float, action="append",
+                    help="grid (mm) of the PCA code, repeatable (default train.resolution_mm): would a finer autoencoder hold more?")
     a = ap.parse_args()
     root = a.root
     volumes = pd.read_csv(root / load_params("phantom", root / "params.yaml")["out"] / "ground_truth" / "subjects.tsv",
@@ -101,7 +103,8 @@ def main() -> None:
     causal, raw = causal_dosages(root)
 
     rows = []
-    for name in [*a.sets, f"PCA{a.pcs}"]:
+    resolutions = a.resolution or [load_params("train", root / "params.yaml")["resolution_mm"]]
+    for name in [*a.sets, *(f"PCA{a.pcs}@{mm:g}" for mm in resolutions)]:
         cohort = root / "stores" / "gwas" / (a.sets[0] if name.startswith("PCA") else name) / "cohort"
         covar = pd.read_csv(cohort / "covar.tsv", sep="\t").set_index("IID").drop(columns="FID")
         pheno = pd.read_csv(cohort / "pheno.tsv", sep="\t").set_index("IID").drop(columns="FID")
@@ -109,7 +112,8 @@ def main() -> None:
         c = pd.get_dummies(covar.loc[subjects], drop_first=True).astype(float).to_numpy()
         c = np.column_stack([np.ones(len(subjects)), c])
         if name.startswith("PCA"):
-            y, label = logjac_pcs(root, subjects, c, a.pcs), f"first {a.pcs} PCs of log J"
+            mm = float(name.partition("@")[2])
+            y, label = logjac_pcs(root, subjects, c, a.pcs, mm), f"first {a.pcs} PCs of log J at {mm:g} mm"
         else:
             y = pheno.loc[subjects].to_numpy(float)
             y, label = y[:, np.nanstd(y, 0) > 0], f"{name} ({y.shape[1]} dims)"
