@@ -6,6 +6,8 @@ and what follows it."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -105,6 +107,10 @@ def test_dvc_repro_on_a_fresh_clone(tmp_path):
     status = subprocess.run(["dvc", "status"], cwd=clone, env=env, capture_output=True, text=True)
     assert "up to date" in status.stdout
 
+    # The user's next step: commit the run (its dvc.lock), then try a variant as an experiment.
+    subprocess.run(["git", "add", "-A"], cwd=clone, check=True)
+    subprocess.run(["git", "-c", "user.name=endopheno tests", "-c", "user.email=tests@endopheno.invalid", "commit", "-qm",
+                    "the tiny cohort's run"], cwd=clone, check=True)
     # One GWAS knob: the four scans, the catalog that shows them, validation and report rerun; nothing upstream does.
     exp = subprocess.run(["dvc", "exp", "run", "-S", "gwas.transform=inverse_normal"], cwd=clone, env=env,
                          capture_output=True, text=True)
@@ -113,4 +119,10 @@ def test_dvc_repro_on_a_fresh_clone(tmp_path):
     assert ran == {"gwas@atlas_regions", "gwas@ae_t1", "gwas@cnn3d_t1", "gwas@ae_t1_random", "catalog", "validate",
                    "report"}, ran
     shown = subprocess.run(["dvc", "exp", "show", "--csv"], cwd=clone, env=env, capture_output=True, text=True)
-    assert shown.returncode == 0 and "inverse_normal" in shown.stdout
+    assert shown.returncode == 0, shown.stderr
+    # The experiment's row carries its own metrics (not a metric file missing from its commit), beside main's.
+    rows = {r["Experiment"] or r["rev"]: r for r in csv.DictReader(io.StringIO(shown.stdout))}
+    experiment = next(r for name, r in rows.items() if name not in ("workspace", "main"))
+    assert experiment["gwas.transform"] == "inverse_normal" and rows["main"]["gwas.transform"] == "none"
+    for row in (experiment, rows["main"]):
+        assert row["atlas_regions.found"] not in ("", "!") and row["balanced_accuracy_mean"] not in ("", "!"), row
