@@ -56,17 +56,22 @@ def outer_folds(groups: np.ndarray, strata: np.ndarray, *, folds: int = 5, valid
     return splits
 
 
-def check_split(split: Split, groups: np.ndarray, normalisation_subjects: np.ndarray | None = None) -> None:
-    """Raise `LeakageError` when a participant is in two of train/validation/test, or when the
-    normalisation statistics were fitted on anything but the training subjects."""
+def check_split(split: Split, groups: np.ndarray) -> None:
+    """Raise `LeakageError` when a participant is in two of train/validation/test."""
     parts = {"train": set(groups[split.train]), "validation": set(groups[split.validation]),
              "test": set(groups[split.test])}
     for a, b in (("train", "validation"), ("train", "test"), ("validation", "test")):
         shared = parts[a] & parts[b]
         if shared:
             raise LeakageError(f"fold {split.fold}: participant(s) {', '.join(sorted(shared)[:5])} in both {a} and {b}")
-    if normalisation_subjects is not None:
-        outside = set(normalisation_subjects) - parts["train"]
-        if outside:
-            raise LeakageError(f"fold {split.fold}: normalisation fitted on non-training participant(s) "
-                               f"{', '.join(sorted(outside)[:5])}")
+
+
+def check_normalisation(split: Split, used, training) -> None:
+    """Raise `LeakageError` unless the normalisation statistics `used` (what a loader applies: arrays such
+    as (mean, SD)) equal `training`, the same statistics fitted afresh on the split's training subjects
+    alone. Comparing the values, not a list of subjects the code says it used, catches statistics fitted
+    on validation or test subjects by any path."""
+    if used is None or len(used) != len(training) or not all(
+            np.allclose(np.asarray(u), np.asarray(t), rtol=1e-5, atol=1e-7) for u, t in zip(used, training)):
+        raise LeakageError(f"fold {split.fold}: the normalisation statistics applied are not those of the fold's "
+                           f"{len(split.train)} training subjects (fitted on validation or test subjects too?)")

@@ -37,7 +37,7 @@ from endopheno.models.architectures import build
 from endopheno.models.basis import fold_into, independent_components
 from endopheno.models.data import (TaskData, VolumeDataset, augmentation, brain_mask, fit_normalisation, pool_factor,
                                    task_data)
-from endopheno.models.splits import Split, check_split, outer_folds
+from endopheno.models.splits import Split, check_normalisation, check_split, outer_folds
 from endopheno.models.volume_model import VolumeModel, model_grid_affine
 from endopheno.params import from_section
 
@@ -427,11 +427,16 @@ class Trainer:
 
     def train_split(self, split: Split, seed: int, on_epoch, checkpoint: Path | None, label: str):
         """Train on `split` (train + validation). Returns (net, normalisation, target scale, FitResult, info)."""
+        check_split(split, self.data.groups)
         norm = self.normalisation(split.train)
-        check_split(split, self.data.groups, self.data.groups[split.train])
         scale = self.target_scale(split.train)
         train = self.loader(split.train, norm, scale, shuffle=True, seed=seed)
         validation = self.loader(split.validation, norm, scale, shuffle=False, seed=seed)
+        # What the loaders apply, against the statistics of the training subjects alone, fitted afresh here
+        # (not through `normalisation`, whatever it may become).
+        training = fit_normalisation(self.volumes[split.train], self.mask)
+        for loader in (train, validation):
+            check_normalisation(split, loader.dataset.normalise, training)
         for attempt in range(self.spec.restarts + 1):
             info = {}
             if self.spec.architecture == "patch27":
