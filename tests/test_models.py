@@ -328,6 +328,18 @@ def test_normalisation_fitted_beyond_the_training_subjects_fails_the_run(project
         trainer.train_split(split, 1, None, None, "leaky")
 
 
+def test_checkpoints_of_other_code_are_not_resumed(project, monkeypatch):
+    from endopheno.models import train
+    from endopheno.models.train import Trainer, load_train_params, model_spec
+
+    monkeypatch.chdir(project)
+    p = load_train_params(yaml.safe_load((project / "params.yaml").read_text())["train"])
+    same = [Trainer(p, model_spec(p, "cnn3d")).checkpoints for _ in range(2)]
+    assert same[0] == same[1]                        # an interrupted run resumes where it stopped
+    monkeypatch.setattr(train, "code_digest", lambda: "the models package, edited")
+    assert Trainer(p, model_spec(p, "cnn3d")).checkpoints != same[0]
+
+
 def test_a_network_that_never_beats_chance_is_retried_and_a_learning_one_is_not(project, monkeypatch, caplog):
     from endopheno.models.splits import outer_folds
     from endopheno.models.train import Trainer, load_train_params, model_spec

@@ -392,7 +392,7 @@ class Trainer:
         self.volumes = torch.stack([reader.volume(i) for i in range(len(reader))])
         self.shape = tuple(self.volumes.shape[2:])
         key = {"spec": asdict(spec), "params": {k: v for k, v in asdict(self.p).items() if k not in ("models", "pipeline")},
-               "digest": self.digest}
+               "digest": self.digest, "code": code_digest()}
         self.key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
         self.checkpoints = Path(p.checkpoints) / spec.name / self.key
 
@@ -658,6 +658,16 @@ class _SideBySide(torch.nn.Module):
 
     def forward(self, x):
         return torch.stack([n(x) for n in self.nets], dim=1)
+
+
+def code_digest() -> str:
+    """sha256 of the models package's source. Part of the checkpoint key: a rerun with the same code resumes
+    an interrupted training, but once the code changes (DVC reruns the stage because its deps did) fold
+    results and checkpoints of the old code must not be reused as if the new code had produced them."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def _seed_worker(worker_id: int) -> None:
