@@ -104,15 +104,15 @@ def main() -> None:
 
     rows = []
     resolutions = a.resolution or [load_params("train", root / "params.yaml")["resolution_mm"]]
-    for name in [*a.sets, *(f"PCA{a.pcs}@{mm:g}" for mm in resolutions)]:
-        cohort = root / "stores" / "gwas" / (a.sets[0] if name.startswith("PCA") else name) / "cohort"
+    # (feature set, None) for each set, then (None, grid) for each PCA code; PCA uses the first set's cohort
+    for name, mm in [*((s, None) for s in a.sets), *((None, mm) for mm in resolutions)]:
+        cohort = root / "stores" / "gwas" / (name or a.sets[0]) / "cohort"
         covar = pd.read_csv(cohort / "covar.tsv", sep="\t").set_index("IID").drop(columns="FID")
         pheno = pd.read_csv(cohort / "pheno.tsv", sep="\t").set_index("IID").drop(columns="FID")
         subjects = [s for s in pheno.index if s in covar.index and s in raw.index]
         c = pd.get_dummies(covar.loc[subjects], drop_first=True).astype(float).to_numpy()
         c = np.column_stack([np.ones(len(subjects)), c])
-        if name.startswith("PCA"):
-            mm = float(name.partition("@")[2])
+        if mm is not None:
             y, label = logjac_pcs(root, subjects, c, a.pcs, mm), f"first {a.pcs} PCs of log J at {mm:g} mm"
         else:
             y = pheno.loc[subjects].to_numpy(float)
