@@ -217,6 +217,10 @@ def test_train_cnn3d_registers_versions_with_champion_and_baseline(project):
     assert champion == [max(values, key=lambda v: (values[v], -v))]
     models = cli("models", "--tracking-uri", f"sqlite:///{project}/mlflow.db", cwd=project, check=0)
     assert "endopheno.cnn3d" in models.stdout and "champion" in models.stdout
+    # A finished fold keeps its results and drops its weights; the final model's state stays for a rerun.
+    for key in filter(Path.is_dir, (project / "models" / "cnn3d").iterdir()):
+        assert sorted(f.name for f in key.glob("fold*")) == ["fold0.json", "fold1.json"]
+        assert (key / "final.pt").exists()
 
 
 @pytest.mark.slow
@@ -328,7 +332,9 @@ def test_normalisation_fitted_beyond_the_training_subjects_fails_the_run(project
         trainer.train_split(split, 1, None, None, "leaky")
 
 
-def test_checkpoints_of_other_code_are_not_resumed(project, monkeypatch):
+def test_checkpoints_of_other_code_or_other_participants_are_not_resumed(project, monkeypatch, tmp_path):
+    from dataclasses import replace
+
     from endopheno.models import train
     from endopheno.models.train import Trainer, load_train_params, model_spec
 
@@ -336,6 +342,12 @@ def test_checkpoints_of_other_code_are_not_resumed(project, monkeypatch):
     p = load_train_params(yaml.safe_load((project / "params.yaml").read_text())["train"])
     same = [Trainer(p, model_spec(p, "cnn3d")).checkpoints for _ in range(2)]
     assert same[0] == same[1]                        # an interrupted run resumes where it stopped
+    # One diagnosis corrected in the participants' table: DVC reruns the stage, and the folds must not
+    # be skipped as "done in an earlier run" with the old labels.
+    table = pd.read_csv(project / "participants.tsv", sep="\t")
+    table.loc[0, "diagnosis"] = "CN" if table.loc[0, "diagnosis"] == "AD" else "AD"
+    table.to_csv(corrected := tmp_path / "participants.tsv", sep="\t", index=False)
+    assert Trainer(replace(p, participants=str(corrected)), model_spec(p, "cnn3d")).checkpoints != same[0]
     monkeypatch.setattr(train, "code_digest", lambda: "the models package, edited")
     assert Trainer(p, model_spec(p, "cnn3d")).checkpoints != same[0]
 

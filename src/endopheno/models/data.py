@@ -13,6 +13,7 @@ a numeric column (age) for regression, none for reconstruction.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -49,6 +50,13 @@ class TaskData:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def digest(self) -> str:
+        """sha256 of who is trained on what: subjects, participants, targets and strata."""
+        h = hashlib.sha256()
+        for a in (self.subjects, self.groups, self.target, self.strata):
+            h.update("\t".join(np.asarray(a).astype(str)).encode() + b"\n")
+        return h.hexdigest()
 
 
 def participant_table(path: str | Path) -> pd.DataFrame:

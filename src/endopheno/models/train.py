@@ -10,7 +10,8 @@ every subject (validation split kept for early stopping), logged with its signat
 the version with the best cross-validated metric holds the alias ``champion``.
 
 A run checkpoints every epoch under ``<checkpoints>/<name>/<key>/`` (``key`` = digest of the
-parameters and the volume store); rerunning the same command resumes it, in the same MLflow run.
+parameters, the volume store, the subjects' targets and the models package's code); rerunning the same
+command resumes it, in the same MLflow run. A finished fold keeps only its results (``fold<k>.json``).
 """
 
 from __future__ import annotations
@@ -391,8 +392,10 @@ class Trainer:
         # from memory (training itself streams from Zarr through the DataLoader).
         self.volumes = torch.stack([reader.volume(i) for i in range(len(reader))])
         self.shape = tuple(self.volumes.shape[2:])
+        # Whatever decides a fold's result: a rerun with all of it unchanged resumes; a change to any (the
+        # participants' table included: a corrected diagnosis changes targets and folds) starts afresh.
         key = {"spec": asdict(spec), "params": {k: v for k, v in asdict(self.p).items() if k not in ("models", "pipeline")},
-               "digest": self.digest, "code": code_digest()}
+               "digest": self.digest, "data": self.data.digest(), "code": code_digest()}
         self.key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
         self.checkpoints = Path(p.checkpoints) / spec.name / self.key
 
@@ -549,6 +552,9 @@ class Trainer:
                  ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)),
                  ", ".join(f"{k} {v:.3f}" for k, v in base.items()))
         done.write_text(json.dumps({"metrics": metrics, "baseline": base}))
+        # Once its results are written a fold is never resumed: its weights would only fill the disk.
+        for state in self.checkpoints.glob(f"fold{split.fold}*.pt"):
+            state.unlink()
         return metrics, base
 
     def test_scores(self, net, test, scale, truth: np.ndarray) -> dict[str, float]:
