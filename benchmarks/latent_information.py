@@ -15,15 +15,27 @@ GWAS regressed out of everything, t statistics on n - covariates - 1 degrees of 
 (An F test of the variant against all k dimensions at once would not do as that ceiling: spreading its
 non-centrality over k degrees of freedom, it can miss an effect that one direction carries.)
 
-Beside the pipeline's feature sets it scores the best linear k-dimensional code of the same input the
-autoencoder reads: the first k principal components of the log-Jacobian maps (train.resolution_mm,
-covariates regressed out). An autoencoder trained on reconstruction error keeps what PCA keeps, the
-largest variance.
+Beside the pipeline's feature sets it scores k-dimensional codes of the same input the autoencoder
+reads, the log-Jacobian maps pooled to a grid (train.resolution_mm, or each `--resolution`), covariates
+regressed out, chosen by `--code` (repeatable):
+
+- `pca` (default): the first k principal components, the best linear k-dim code for reconstruction
+  error; an autoencoder trained on that error keeps what PCA keeps, the largest variance.
+- `pca_z`: the same of each voxel z-scored (PCA of the correlation matrix: a voxel's weight no longer
+  grows with its variance).
+- `sparse_pca:ALPHA`: k sparse components of the z-scored maps (Mairal et al. 2009, MiniBatchSparsePCA;
+  ALPHA the L1 penalty, larger = smaller components); the code is each subject's projection.
+- `ward:K`: K parcels from Ward clustering of the z-scored voxels with the grid's neighbours as
+  connectivity (a data-driven parcellation; Thirion et al. 2014, Front. Neurosci. 8:167); the code is each
+  subject's mean log J per parcel. No atlas, no truth.
+- `regions`: the mean log J per region of the phantom's atlas on the same grid (the atlas is the planted
+  regions' definition: the code any unsupervised parcellation could at best find).
 
 Reads a finished `dvc repro` (stores/gwas/<set>/cohort, the volume store, data/phantom/ground_truth)
 from the repository root; plink2 extracts the planted variants' dosages.
 
-    python benchmarks/latent_information.py [--root .] [--sets atlas_regions ae_t1 ae_t1_random cnn3d_t1] [--pcs 128] [--resolution 6 --resolution 2]
+    python benchmarks/latent_information.py [--root .] [--sets atlas_regions ae_t1 ae_t1_random cnn3d_t1] [--pcs 128] \
+        [--resolution 6 --resolution 2] [--code pca --code pca_z --code sparse_pca:8 --code ward:128 --code regions]
 """
 
 import argparse
@@ -76,17 +88,53 @@ def causal_dosages(root: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return causal, raw
 
 
-def logjac_pcs(root: Path, subjects: list[str], covariates: np.ndarray, k: int, resolution_mm: float) -> np.ndarray:
-    train = load_params("train", root / "params.yaml")
-    ds = open_mni(root / train["store"])
+def pooled_logjac(root: Path, subjects: list[str], resolution_mm: float) -> tuple[np.ndarray, np.ndarray, object]:
+    """Each subject's log-J map average-pooled to `resolution_mm` ([subjects, voxels], voxels that vary
+    only), the kept voxels' mask on the pooled grid, and the volume store."""
+    ds = open_mni(root / load_params("train", root / "params.yaml")["store"])
     index = {s: i for i, s in enumerate(ds.subject.values.tolist())}
     maps = np.nan_to_num(ds["logjac"].values[[index[s] for s in subjects]])
     factor = round(resolution_mm / float(ds.x.values[1] - ds.x.values[0]))
-    pooled = torch.nn.functional.avg_pool3d(torch.from_numpy(maps)[:, None], factor, ceil_mode=True)
+    pooled = torch.nn.functional.avg_pool3d(torch.from_numpy(maps)[:, None], factor, ceil_mode=True)[:, 0]
     x = pooled.reshape(len(subjects), -1).double().numpy()
-    x = residualise(x[:, x.std(0) > 0], covariates)
-    u, _, _ = np.linalg.svd(x - x.mean(0), full_matrices=False)
-    return u[:, :k]
+    keep = x.std(0) > 0
+    return x[:, keep], keep.reshape(pooled.shape[1:]), ds
+
+
+def logjac_code(kind: str, root: Path, subjects: list[str], covariates: np.ndarray, k: int, resolution_mm: float) -> np.ndarray:
+    """[subjects, dims]: the code `kind` (see the module's docstring) of the pooled log-J maps."""
+    x, keep, ds = pooled_logjac(root, subjects, resolution_mm)
+    residual = residualise(x, covariates)
+    z = residual / residual.std(0)
+    name, _, arg = kind.partition(":")
+    if name in ("pca", "pca_z"):
+        # the covariates (with an intercept) are regressed out: the columns are centred already
+        u, _, _ = np.linalg.svd(residual if name == "pca" else z, full_matrices=False)
+        return u[:, :k]
+    if name == "sparse_pca":
+        from sklearn.decomposition import MiniBatchSparsePCA
+
+        return MiniBatchSparsePCA(n_components=k, alpha=float(arg), batch_size=50, max_iter=50, random_state=0).fit_transform(z)
+    if name in ("ward", "regions"):
+        if name == "ward":
+            from sklearn.cluster import FeatureAgglomeration
+            from sklearn.feature_extraction.image import grid_to_graph
+
+            connectivity = grid_to_graph(*keep.shape, mask=keep)
+            labels = FeatureAgglomeration(n_clusters=int(arg), connectivity=connectivity, linkage="ward").fit(z).labels_
+            weights = np.eye(int(arg))[labels].T                           # [parcels, voxels]
+        else:
+            from endopheno.featurestore.atlas import atlas_from_files
+
+            atlas_params = load_params("features", root / "params.yaml")["atlas"]
+            atlas = atlas_from_files(root / atlas_params["labels"], root / atlas_params["table"], ds.brain_mask.shape,
+                                     np.asarray(ds.attrs["affine"]))
+            factor = round(resolution_mm / float(ds.x.values[1] - ds.x.values[0]))
+            one_hot = torch.from_numpy(np.stack([atlas.labels == i for i in range(1, len(atlas.names) + 1)]).astype(float))
+            share = torch.nn.functional.avg_pool3d(one_hot[:, None], factor, ceil_mode=True)[:, 0].numpy()
+            weights = share.reshape(len(atlas.names), -1)[:, keep.ravel()]  # each pooled voxel's share of the region
+        return x @ (weights / weights.sum(1, keepdims=True)).T
+    raise SystemExit(f"--code {kind}: not one of pca, pca_z, sparse_pca:ALPHA, ward:K, regions")
 
 
 def main() -> None:
@@ -95,7 +143,8 @@ def main() -> None:
     ap.add_argument("--sets", nargs="+", default=["atlas_regions", "ae_t1", "ae_t1_random", "cnn3d_t1"])
     ap.add_argument("--pcs", type=int, default=128)
     ap.add_argument("--resolution", type=float, action="append",
-                    help="grid (mm) of the PCA code, repeatable (default train.resolution_mm): would a finer autoencoder hold more?")
+                    help="grid (mm) of the image codes, repeatable (default train.resolution_mm): would a finer autoencoder hold more?")
+    ap.add_argument("--code", action="append", help="image code, repeatable: pca (default), pca_z, sparse_pca:ALPHA, ward:K, regions")
     a = ap.parse_args()
     root = a.root
     volumes = pd.read_csv(root / load_params("phantom", root / "params.yaml")["out"] / "ground_truth" / "subjects.tsv",
@@ -104,16 +153,18 @@ def main() -> None:
 
     rows = []
     resolutions = a.resolution or [load_params("train", root / "params.yaml")["resolution_mm"]]
-    # (feature set, None) for each set, then (None, grid) for each PCA code; PCA uses the first set's cohort
-    for name, mm in [*((s, None) for s in a.sets), *((None, mm) for mm in resolutions)]:
+    codes = [(kind, mm) for mm in resolutions for kind in a.code or ["pca"]]
+    # (feature set, None) for each set, then (None, (code, grid)) for each image code, on the first set's cohort
+    for name, code in [*((s, None) for s in a.sets), *((None, code) for code in codes)]:
         cohort = root / "stores" / "gwas" / (name or a.sets[0]) / "cohort"
         covar = pd.read_csv(cohort / "covar.tsv", sep="\t").set_index("IID").drop(columns="FID")
         pheno = pd.read_csv(cohort / "pheno.tsv", sep="\t").set_index("IID").drop(columns="FID")
         subjects = [s for s in pheno.index if s in covar.index and s in raw.index]
         c = pd.get_dummies(covar.loc[subjects], drop_first=True).astype(float).to_numpy()
         c = np.column_stack([np.ones(len(subjects)), c])
-        if mm is not None:
-            y, label = logjac_pcs(root, subjects, c, a.pcs, mm), f"first {a.pcs} PCs of log J at {mm:g} mm"
+        if code is not None:
+            y = logjac_code(code[0], root, subjects, c, a.pcs, code[1])
+            label = f"log J at {code[1]:g} mm, {code[0]} ({y.shape[1]} dims)"
         else:
             y = pheno.loc[subjects].to_numpy(float)
             y, label = y[:, np.nanstd(y, 0) > 0], f"{name} ({y.shape[1]} dims)"
