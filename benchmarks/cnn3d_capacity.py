@@ -11,7 +11,9 @@ Each argument is one variant (JSON): ``options`` (architecture options over para
 regression on the voxels through the same loop); ``voxelwise`` (z-score each voxel with the training
 subjects' mean and SD instead of one mean and SD per map); ``coords`` (three coordinate channels, a
 location prior); ``seeds: k`` (average the probabilities of k networks: is the gap variance?); ``last``
-(keep the last epoch instead of the best validation loss; set ``patience`` high). Prints one line per
+(keep the last epoch instead of the best validation loss; set ``patience`` high); ``refit`` (then train
+again from the same initial weights on training + validation for the chosen number of epochs, as the SVM
+baseline refits with its chosen C). Prints one line per
 variant: balanced accuracy and AUC, mean ± SD over the folds.
 """
 
@@ -73,11 +75,21 @@ def run(cfg: dict) -> str:
                 if cfg.get("no_bn"):
                     for block in net.features[:-3]:
                         block[1] = torch.nn.Identity()
+            initial = copy.deepcopy(net.state_dict())
             last = {}
             keep_last = (lambda _: last.update(state=copy.deepcopy(net.state_dict()))) if cfg.get("last") else None
-            fit(net, loader(s.train, True), loader(s.validation, False), task="classification", spec=spec,
-                epochs=spec.epochs, device=cpu, amp=False, mask=mask, on_epoch=keep_last)
+            result = fit(net, loader(s.train, True), loader(s.validation, False), task="classification", spec=spec,
+                         epochs=spec.epochs, device=cpu, amp=False, mask=mask, on_epoch=keep_last)
             if last:
+                net.load_state_dict(last["state"])
+            if cfg.get("refit"):
+                # As the SVM baseline does: the epochs early stopping chose, again from the same start, on
+                # training + validation subjects (the one-cycle schedule then spans those epochs).
+                net.load_state_dict(initial)
+                last = {}
+                fit(net, loader(np.r_[s.train, s.validation], True), loader(s.validation, False), task="classification",
+                    spec=replace(spec, patience=10**6), epochs=max(result.best_epoch, 3), device=cpu, amp=False, mask=mask,
+                    on_epoch=lambda _: last.update(state=copy.deepcopy(net.state_dict())))
                 net.load_state_dict(last["state"])
             probabilities.append(outputs(net, loader(s.test, False), task="classification", device=cpu, mask=mask))
         score = scores("classification", np.mean(probabilities, 0), y[s.test])

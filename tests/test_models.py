@@ -418,9 +418,9 @@ def test_champion_is_only_compared_on_the_same_inputs_grid_and_volumes(tmp_path)
     client = mlflow.MlflowClient()
     client.create_registered_model("endopheno.m")
 
-    def version(cv: float, digest: str, basis: str = "None") -> str:
+    def version(cv: float, digest: str, basis: str = "None", **more) -> str:
         tags = {"inputs": "logjac", "resolution_mm": "6.0", "volume_store_digest": digest, "cv_value": str(cv),
-                "basis": basis}
+                "basis": basis, **more}
         return client.create_model_version("endopheno.m", str(tmp_path), tags=tags).version
 
     def champion() -> str:
@@ -434,6 +434,12 @@ def test_champion_is_only_compared_on_the_same_inputs_grid_and_volumes(tmp_path)
     assert set_champion("endopheno.m", other_volumes, "masked_mse", higher=False) and champion() == other_volumes
     components = version(0.50, "b", basis="ica")     # the same error, other features
     assert set_champion("endopheno.m", components, "masked_mse", higher=False) and champion() == components
+    # a version registered before the filter and normalisation tags had their defaults: still compared
+    defaults = version(0.55, "b", basis="ica", highpass_mm="None", normalisation="map")
+    assert not set_champion("endopheno.m", defaults, "masked_mse", higher=False) and champion() == components
+    # the error of high-passed, voxel-normalised maps is in other units: not compared
+    filtered = version(0.60, "b", basis="ica", highpass_mm="12.0", normalisation="voxel")
+    assert set_champion("endopheno.m", filtered, "masked_mse", higher=False) and champion() == filtered
 
 
 def test_independent_components_do_not_depend_on_the_axes_the_code_came_with():
@@ -478,12 +484,55 @@ def test_a_folded_basis_keeps_reconstructions():
     assert np.allclose(new.double().numpy(), (code.double().numpy() - mean) @ a, atol=1e-4)
 
 
+def test_highpass_removes_smooth_variation_keeps_a_region_and_matches_scipy():
+    from scipy.ndimage import gaussian_filter
+
+    from endopheno.models.data import highpass
+
+    mask = np.zeros((20, 22, 18), bool)
+    mask[2:18, 3:20, 2:16] = True
+    x, y, z = np.meshgrid(*[np.arange(n, dtype=float) for n in mask.shape], indexing="ij")
+    smooth = 0.3 + 0.02 * x - 0.01 * y                    # a brain-wide gradient
+    region = np.where((abs(x - 10) < 2) & (abs(y - 11) < 2) & (abs(z - 9) < 2), -0.2, 0.0)   # a 27-voxel atrophy
+    out = highpass(torch.from_numpy(np.stack([smooth, smooth + region]))[:, None], torch.from_numpy(mask), 2.0).numpy()[:, 0]
+    inner = np.zeros_like(mask)
+    inner[8:12, 9:14, 7:11] = True                        # away from the mask's edge
+    assert np.abs(out[0][inner]).max() < 1e-6 and (out[:, ~mask] == 0).all()
+    assert (out[1] - out[0])[10, 11, 9] < -0.1            # the region's own change stays
+    # the oracle: scipy's Gaussian filter, normalised by the filtered mask the same way
+    v = smooth + region
+    expected = (v - gaussian_filter(v * mask, 2.0, mode="constant", truncate=3) /
+                np.maximum(gaussian_filter(mask.astype(float), 2.0, mode="constant", truncate=3), 1e-6)) * mask
+    assert np.allclose(out[1], expected, atol=1e-9)
+
+
+def test_voxel_normalisation_is_each_voxels_own_over_the_subjects():
+    from endopheno.errors import InputError
+    from endopheno.models.data import fit_normalisation
+
+    rng = np.random.default_rng(0)
+    volumes = torch.from_numpy(rng.normal(2.0, 3.0, (30, 1, 4, 5, 6)))
+    mask = torch.zeros(4, 5, 6, dtype=torch.bool)
+    mask[1:3, 1:4, 1:5] = True
+    mean, sd = fit_normalisation(volumes, mask, "voxel")
+    v = volumes.numpy()
+    assert mean.shape == (1, 4, 5, 6) and np.allclose(mean[0][mask], v.mean(0)[0][mask.numpy()], atol=1e-5)
+    assert np.allclose(sd[0][mask], v.std(0)[0][mask.numpy()], atol=1e-5) and (sd[0][~mask] == 1).all()
+    per_map = fit_normalisation(volumes, mask)
+    assert per_map[0].shape == (1, 1, 1, 1)
+    with pytest.raises(InputError, match="map or voxel"):
+        fit_normalisation(volumes, mask, "subject")
+
+
 def test_training_with_an_ica_basis_registers_it_and_refuses_a_tiny_cohort(project):
+    """With every input option of the default autoencoder (high-pass, voxel normalisation, ICA basis):
+    the registered model reads the store's volumes exactly as training did, so the codes of the final
+    model's subjects have the basis's mean 0 and SD 1."""
     from endopheno.models.extract import load_model
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     ae = {"architecture": "autoencoder3d", "task": "reconstruction", "basis": "ica", "folds": 2, "epochs": 2,
-          "patience": 2, "batch_size": 8}
+          "patience": 2, "batch_size": 8, "highpass_mm": 4.0, "normalisation": "voxel"}
     params["train"]["models"].update(ae_ica={**ae, "options": {"latent": 8, "widths": [4, 8]}},
                                      ae_too_wide={**ae, "options": {"latent": 48, "widths": [4, 8]}})
     (project / "params_basis.yaml").write_text(yaml.safe_dump(params))

@@ -164,6 +164,31 @@ def pool(volumes: torch.Tensor, factor: int) -> torch.Tensor:
     return x.reshape(*shape[:-3], *x.shape[-3:])
 
 
+def highpass(x: torch.Tensor, mask: torch.Tensor, sigma_voxels: float) -> torch.Tensor:
+    """[..., X, Y, Z] maps minus their Gaussian-smoothed copy (SD `sigma_voxels`), inside `mask`, 0 outside.
+
+    The smoothing is normalised by the smoothed mask (the mean of the brain voxels near each voxel, so the
+    brain's edge is not pulled toward the zeros outside it). What is left is local: a region's change
+    against its surroundings, without the smooth, brain-wide variation (head shape left by the affine
+    step, lobar size, a random warp) that otherwise takes the largest share of every reconstruction
+    code's dimensions (BENCHMARKS.md, "Is it the grid, or the objective?"). Differentiable (a separable
+    convolution), so attribution through it reaches the unfiltered input."""
+    radius = max(1, math.ceil(3 * sigma_voxels))
+    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma_voxels) ** 2)
+    taps = (taps / taps.sum()).to(x.dtype)
+    m = mask.to(x.dtype)
+
+    def smooth(v: torch.Tensor) -> torch.Tensor:
+        shape = v.shape
+        v = v.reshape(-1, 1, *shape[-3:])
+        for axis in range(3):
+            kernel = taps.reshape([1, 1] + [-1 if a == axis else 1 for a in range(3)]).to(v.device)
+            v = F.conv3d(v, kernel, padding=[radius if a == axis else 0 for a in range(3)])
+        return v.reshape(shape)
+
+    return (x - smooth(x * m) / smooth(m).clamp_min(1e-6)) * m
+
+
 def brain_mask(ds, factor: int) -> torch.Tensor:
     """The template brain mask at the model's resolution (a pooled voxel is brain when mostly brain)."""
     return pool(torch.as_tensor(np.asarray(ds.brain_mask.values), dtype=torch.float32), factor) > 0.5
@@ -183,16 +208,16 @@ class VolumeDataset(torch.utils.data.Dataset):
 
     Each item is read from its own Zarr chunk (one subject per chunk), so DataLoader workers read in
     parallel and prefetch ahead of the model; nothing is held in memory between items. ``normalise``
-    (per-channel mean and SD, fitted on training subjects only) and ``augment`` (a MONAI transform)
-    are applied in the worker.
+    (mean and SD, per channel or per voxel, fitted on training subjects only) and ``augment`` (a MONAI
+    transform) are applied in the worker; ``highpass_voxels`` (`highpass`) is part of the volume itself.
     """
 
     def __init__(self, store: str | Path, rows: np.ndarray, targets: np.ndarray, *, inputs: tuple[str, ...] = ("T1w",),
                  factor: int = 1, mask: torch.Tensor | None = None, normalise: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 augment=None):
+                 augment=None, highpass_voxels: float | None = None):
         self.store, self.rows, self.targets = str(store), np.asarray(rows), np.asarray(targets, dtype=np.float32)
         self.inputs, self.factor, self.mask = tuple(inputs), factor, mask
-        self.normalise, self.augment = normalise, augment
+        self.normalise, self.augment, self.highpass_voxels = normalise, augment, highpass_voxels
         self._group = None  # opened lazily, once per worker process
 
     def __len__(self) -> int:
@@ -209,8 +234,8 @@ class VolumeDataset(torch.utils.data.Dataset):
             source = "T1w" if name == "gm" else name
             if source not in channels:
                 channels[source] = pool(torch.from_numpy(np.asarray(self._group[source][row], dtype=np.float32)), self.factor)
-        out = [grey_matter(channels["T1w"], self.mask) if name == "gm" else channels[name] for name in self.inputs]
-        return torch.stack(out)
+        out = torch.stack([grey_matter(channels["T1w"], self.mask) if name == "gm" else channels[name] for name in self.inputs])
+        return highpass(out, self.mask, self.highpass_voxels) if self.highpass_voxels else out
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.volume(index)
@@ -224,10 +249,17 @@ class VolumeDataset(torch.utils.data.Dataset):
         return x, torch.tensor(self.targets[index])
 
 
-def fit_normalisation(volumes: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and SD over the brain voxels of `volumes` [N, C, X, Y, Z], shaped [C, 1, 1, 1] to
-    broadcast over a subject (pass the training subjects only: statistics fitted on validation or test
-    subjects leak them into training)."""
+def fit_normalisation(volumes: torch.Tensor, mask: torch.Tensor, per: str = "map") -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and SD of `volumes` [N, C, X, Y, Z] (pass the training subjects only: statistics fitted on
+    validation or test subjects leak them into training). `per` = "map": one mean and SD per channel over
+    its brain voxels, shaped [C, 1, 1, 1]; "voxel": each voxel's own over the subjects, [C, X, Y, Z]
+    (every voxel then weighs the same in a loss, whatever its variance, as in the SVM baseline)."""
+    if per == "voxel":
+        v = volumes.double()
+        sd = torch.where(mask, v.std(0, unbiased=False), 1.0).clamp_min(1e-6)
+        return (v.mean(0) * mask).float(), sd.float()
+    if per != "map":
+        raise InputError(f"normalisation {per!r}", "must be map or voxel")
     v = volumes[:, :, mask].double().transpose(0, 1).reshape(volumes.shape[1], -1)
     return v.mean(1).float()[:, None, None, None], v.std(1, unbiased=False).clamp_min(1e-6).float()[:, None, None, None]
 

@@ -72,6 +72,8 @@ class ModelSpec:
     top_k: int = 5                      # patch27: patches combined in the final network
     patch_epochs: int = 10              # patch27: epochs of the 27 single-patch networks
     basis: str | None = None            # reconstruction: `ica`, the final latent's axes as independent components (models/basis.py)
+    highpass_mm: float | None = None    # input maps minus their Gaussian-smoothed copy (SD in mm; data.highpass); null = as read
+    normalisation: str = "map"          # map: one mean and SD per input map | voxel: each voxel's own (training subjects)
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,10 @@ def model_spec(p: TrainParams, name: str) -> ModelSpec:
         raise InputError(f"train.models.{name}", f"task {spec.task!r} is not one of {', '.join(SELECTION)}")
     if not spec.mixup >= 0:
         raise InputError(f"train.models.{name}", f"mixup must be a Beta parameter > 0, or 0 for none; got {spec.mixup!r}")
+    if spec.normalisation not in ("map", "voxel"):
+        raise InputError(f"train.models.{name}", f"normalisation {spec.normalisation!r}: map or voxel")
+    if spec.highpass_mm is not None and not spec.highpass_mm > 0:
+        raise InputError(f"train.models.{name}", f"highpass_mm {spec.highpass_mm!r}: a Gaussian SD in mm > 0, or null")
     if spec.basis not in (None, "ica") or (spec.basis and spec.task != "reconstruction"):
         raise InputError(f"train.models.{name}", f"basis {spec.basis!r}: only `ica`, of a reconstruction model's latent")
     return ModelSpec(**{**asdict(spec), "inputs": tuple(spec.inputs)})
@@ -387,7 +393,9 @@ class Trainer:
         self.factor = pool_factor(store_mm, p.resolution_mm)
         self.affine = model_grid_affine(np.asarray(ds.attrs["affine"]), self.factor)
         self.mask = brain_mask(ds, self.factor)
-        reader = VolumeDataset(p.store, self.data.rows, self.data.target, inputs=spec.inputs, factor=self.factor, mask=self.mask)
+        self.highpass_voxels = spec.highpass_mm / (store_mm * self.factor) if spec.highpass_mm else None
+        reader = VolumeDataset(p.store, self.data.rows, self.data.target, inputs=spec.inputs, factor=self.factor, mask=self.mask,
+                               highpass_voxels=self.highpass_voxels)
         # Every subject's pooled maps, once: normalisation statistics and the voxel baselines read them
         # from memory (training itself streams from Zarr through the DataLoader).
         self.volumes = torch.stack([reader.volume(i) for i in range(len(reader))])
@@ -408,13 +416,13 @@ class Trainer:
         return float(t.mean()), float(t.std() + 1e-9)
 
     def normalisation(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return fit_normalisation(self.volumes[rows], self.mask)
+        return fit_normalisation(self.volumes[rows], self.mask, self.spec.normalisation)
 
     def loader(self, rows: np.ndarray, norm, scale, *, shuffle: bool, seed: int) -> torch.utils.data.DataLoader:
         target = (self.data.target[rows] - scale[0]) / scale[1]
         augment = augmentation(self.spec.augment, seed) if shuffle else None
         dataset = VolumeDataset(self.p.store, self.data.rows[rows], target, inputs=self.spec.inputs, factor=self.factor,
-                                mask=self.mask, normalise=norm, augment=augment)
+                                mask=self.mask, normalise=norm, augment=augment, highpass_voxels=self.highpass_voxels)
         workers = self.p.loader_workers
         return torch.utils.data.DataLoader(
             dataset, batch_size=self.spec.batch_size, shuffle=shuffle, num_workers=workers,
@@ -437,7 +445,7 @@ class Trainer:
         validation = self.loader(split.validation, norm, scale, shuffle=False, seed=seed)
         # What the loaders apply, against the statistics of the training subjects alone, fitted afresh here
         # (not through `normalisation`, whatever it may become).
-        training = fit_normalisation(self.volumes[split.train], self.mask)
+        training = fit_normalisation(self.volumes[split.train], self.mask, self.spec.normalisation)
         for loader in (train, validation):
             check_normalisation(split, loader.dataset.normalise, training)
         for attempt in range(self.spec.restarts + 1):
@@ -624,7 +632,8 @@ class Trainer:
         return VolumeModel(net.cpu().eval(), architecture=self.spec.architecture, task=self.spec.task,
                            inputs=self.spec.inputs, factor=self.factor, affine=self.affine, mean=norm[0], sd=norm[1],
                            mask=self.mask, target_mean=scale[0], target_sd=scale[1],
-                           classes=self.p.classes if self.spec.task == "classification" else ())
+                           classes=self.p.classes if self.spec.task == "classification" else (),
+                           highpass_voxels=self.highpass_voxels)
 
     def log_inputs(self, splits: list[Split]) -> None:
         """Params, and the dataset read: the subjects with their target and test fold, whose digest is the
@@ -719,7 +728,7 @@ def register(model: VolumeModel, name: str, report: TrainReport, spec: ModelSpec
     tags = {"task": spec.task, "architecture": spec.architecture, "folds": str(p.folds), "metric": metric,
             "cv_value": "" if untrained else f"{report.summary[f'{metric}_mean']:.6f}", "untrained": str(untrained).lower(),
             "inputs": ",".join(spec.inputs), "resolution_mm": str(p.resolution_mm), "basis": str(spec.basis),
-            "training_run": report.run_id}
+            "highpass_mm": str(spec.highpass_mm), "normalisation": spec.normalisation, "training_run": report.run_id}
     client = mlflow.MlflowClient()
     tags["volume_store_digest"] = client.get_run(report.run_id).data.tags.get("volume_store_digest", "")
     for k, v in tags.items():
@@ -727,13 +736,19 @@ def register(model: VolumeModel, name: str, report: TrainReport, spec: ModelSpec
     return version
 
 
+# Version tags two versions' metrics are compared on, with the value of versions registered before the tag.
+COMPARABLE_ON = {"inputs": None, "resolution_mm": None, "volume_store_digest": None, "basis": "None", "highpass_mm": "None",
+                 "normalisation": "map"}
+
+
 def set_champion(name: str, version: str, metric: str | None, higher: bool) -> bool:
     """Give `version` the alias ``champion`` when its cross-validated metric beats the current champion's
-    (or there is none; `metric` None: always). Metrics of models reading other input maps, another grid or
-    other volumes (the store's digest: recomputed maps, new subjects) are not comparable (a reconstruction
-    error of T1 vs of log-Jacobian maps), nor are endophenotypes whose latent has other axes (`basis`: the
-    same reconstruction error, other features): then the new version, which is what params.yaml and the
-    store now hold, takes the alias. Returns whether it did."""
+    (or there is none; `metric` None: always). Metrics of models reading other input maps, another grid,
+    other volumes (the store's digest: recomputed maps, new subjects) or the maps filtered or normalised
+    otherwise are not comparable (a reconstruction error of T1 vs of log-Jacobian maps), nor are
+    endophenotypes whose latent has other axes (`basis`: the same reconstruction error, other features):
+    then the new version, which is what params.yaml and the store now hold, takes the alias. Returns
+    whether it did."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -742,8 +757,8 @@ def set_champion(name: str, version: str, metric: str | None, higher: bool) -> b
     except mlflow.exceptions.MlflowException:
         current = None
     tags = client.get_model_version(name, version).tags
-    comparable = current is not None and all(current.tags.get(k) == tags.get(k)
-                                                 for k in ("inputs", "resolution_mm", "volume_store_digest", "basis"))
+    comparable = current is not None and all(current.tags.get(k, default) == tags.get(k, default)
+                                                 for k, default in COMPARABLE_ON.items())
     if comparable and metric is not None and current.tags.get("cv_value"):
         new = float(tags["cv_value"])
         old = float(current.tags["cv_value"])
