@@ -287,7 +287,8 @@ def _lrp_network(model: VolumeModel, rules: Mapping) -> nn.Module:
 def _lrp(model, x, target, rules):
     # Relevance is propagated to the network's own (normalised) input: normalisation is voxelwise, so the
     # relevance of normalised voxel v is the relevance of input voxel v, whereas a chain-rule step
-    # through it would scale relevance by mask/SD and break conservation.
+    # through it would scale relevance by mask/SD and break conservation. A model with `highpass_voxels`
+    # reads each voxel's contrast with its surroundings: the relevance of v is then that contrast's.
     net = _lrp_network(model, rules)
     return LRP(net).attribute(model.normalise(x).detach().requires_grad_(), target=target)
 
