@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 import yaml
 
 from conftest import cli
@@ -66,4 +67,12 @@ def test_validate_scores_a_real_gwas_and_reports_a_missing_one(tmp_path):
     table = pd.read_csv(tmp_path / "validation" / "loci.tsv", sep="\t")
     found = table[(table["kind"] == "planted") & (table["found"] == True)]  # noqa: E712 (a TSV's booleans)
     assert list(found["planted_variant"]) == [variants["id"].iloc[50]] and found["phenotype"].iloc[0] == "y0"
+    # The strongest association near each planted variant: the found one's is its lead; the silent one's
+    # is there too (a near miss is measured, not NA) and weaker than the study-wide threshold.
+    assert found["best_p"].iloc[0] == pytest.approx(found["p"].iloc[0], rel=1e-9)
+    missed = table[(table["kind"] == "planted") & (table["found"] == False)]  # noqa: E712
+    threshold = json.loads((tmp_path / "validation" / "validation.json").read_text())["feature_sets"]["toy"]["study_wide_threshold"]
+    assert threshold < missed["best_p"].iloc[0] <= 1 and missed["best_phenotype"].iloc[0] in ("y0", "y1")
+    assert missed["best_p"].iloc[0] <= missed["p_at_variant"].iloc[0] <= 1
+    assert found["p_at_variant"].iloc[0] < threshold       # the planted variant itself carries the effect
     assert sorted(p.name for p in (tmp_path / "validation" / "plots").iterdir()) == ["toy_manhattan.png", "toy_qq.png"]

@@ -11,7 +11,11 @@ id, region):
   match, so no phenotype is required to be "the right one";
 - every other study-wide lead is a **false** one; leads on the same chromosome within `window_kb` of each
   other (one signal seen by several phenotypes) count as one false locus;
-- λGC is the median over the set's phenotypes (`endopheno.gwas.results.lambda_gc`).
+- λGC is the median over the set's phenotypes (`endopheno.gwas.results.lambda_gc`);
+- for every planted variant, found or not, how far it was from the threshold: the strongest association
+  of any phenotype within `window_kb` (``best_phenotype``, ``best_p``; with many phenotypes and variants in
+  a window, chance alone reaches ~1e-6 here) and at the planted variant itself (``p_at_variant``, the
+  smallest over the phenotypes).
 
 Assumes planted variants lie further apart than 2 × `window_kb` (the phantom plants one per chromosome),
 so that one lead cannot stand for two of them.
@@ -42,7 +46,7 @@ class ValidateParams:
 
 
 LOCI_COLUMNS = ["feature_set", "kind", "region", "planted_variant", "chrom", "pos", "found", "phenotype",
-                "lead_id", "distance_kb", "p"]
+                "lead_id", "distance_kb", "p", "best_phenotype", "best_p", "p_at_variant"]
 
 
 def read_causal(path: str | Path) -> pd.DataFrame:
@@ -84,6 +88,24 @@ def score_loci(loci: pd.DataFrame, causal: pd.DataFrame, window_kb: float = 500.
     return pd.DataFrame(rows, columns=LOCI_COLUMNS[1:])
 
 
+def strongest_near(results: Path, chrom: str, pos: int, window_kb: float) -> tuple[str | None, float, float]:
+    """(phenotype, p) of the smallest p of any phenotype within `window_kb` of chrom:pos in a GWAS's
+    results (Parquet; the filter is pushed down, so only the window is read), and the smallest p at pos."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    half = int(window_kb * 1000)
+    near = pads.dataset(results).to_table(
+        columns=["phenotype", "pos", "p"],
+        filter=(pc.field("chrom") == str(chrom)) & (pc.field("pos") >= pos - half) & (pc.field("pos") <= pos + half)
+    ).to_pandas().dropna(subset=["p"])
+    if near.empty:
+        return None, np.nan, np.nan
+    best = near.loc[near["p"].idxmin()]
+    at = near.loc[near["pos"] == pos, "p"]
+    return str(best["phenotype"]), float(best["p"]), float(at.min()) if len(at) else np.nan
+
+
 def validate_set(gwas_dir: str | Path, causal: pd.DataFrame, window_kb: float = 500.0) -> tuple[dict, pd.DataFrame]:
     """The summary (planted, found, false_loci, λGC, phenotypes, threshold) and the rows of one set's GWAS."""
     gwas_dir = Path(gwas_dir)
@@ -93,6 +115,9 @@ def validate_set(gwas_dir: str | Path, causal: pd.DataFrame, window_kb: float = 
     except (OSError, ValueError) as e:
         raise InputError(gwas_dir, f"no finished GWAS here ({e}); run `endopheno gwas --out {gwas_dir}`") from None
     table = score_loci(loci[loci["study_wide"]], causal, window_kb)
+    table[["best_phenotype", "best_p", "p_at_variant"]] = [
+        strongest_near(gwas_dir / "results", row.chrom, row.pos, window_kb) if row.kind == "planted" else (None, np.nan, np.nan)
+        for row in table.itertuples()]
     planted = table[table["kind"] == "planted"]
     return {"planted": len(planted), "found": int(planted["found"].sum()),
             "false_loci": int((table["kind"] == "false").sum()),
