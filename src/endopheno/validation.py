@@ -28,10 +28,12 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 
 from endopheno.errors import InputError
+from endopheno.gwas.results import results_sql
 
 
 @dataclass(frozen=True)
@@ -88,22 +90,19 @@ def score_loci(loci: pd.DataFrame, causal: pd.DataFrame, window_kb: float = 500.
     return pd.DataFrame(rows, columns=LOCI_COLUMNS[1:])
 
 
-def strongest_near(results: Path, chrom: str, pos: int, window_kb: float) -> tuple[str | None, float, float]:
-    """(phenotype, p) of the smallest p of any phenotype within `window_kb` of chrom:pos in a GWAS's
-    results (Parquet; the filter is pushed down, so only the window is read), and the smallest p at pos."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
+def strongest_near(gwas_dir: Path, planted: pd.DataFrame, window_kb: float) -> pd.DataFrame:
+    """For each planted variant (columns chrom, pos; the frame's index kept): the phenotype and p of the
+    smallest p of any phenotype within `window_kb` (best_phenotype, best_p) and the smallest p at the
+    variant itself (p_at_variant), from the GWAS's results, in one query."""
     half = int(window_kb * 1000)
-    near = pads.dataset(results).to_table(
-        columns=["phenotype", "pos", "p"],
-        filter=(pc.field("chrom") == str(chrom)) & (pc.field("pos") >= pos - half) & (pc.field("pos") <= pos + half)
-    ).to_pandas().dropna(subset=["p"])
-    if near.empty:
-        return None, np.nan, np.nan
-    best = near.loc[near["p"].idxmin()]
-    at = near.loc[near["pos"] == pos, "p"]
-    return str(best["phenotype"]), float(best["p"]), float(at.min()) if len(at) else np.nan
+    rows = planted[["chrom", "pos"]].astype({"chrom": str}).rename_axis("row").reset_index()
+    near = duckdb.sql(f"""
+        SELECT v.row, arg_min(r.phenotype::VARCHAR, r.p) AS best_phenotype, min(r.p) AS best_p,
+               min(r.p) FILTER (WHERE r.pos = v.pos) AS p_at_variant
+        FROM rows v JOIN {results_sql(gwas_dir)} r
+          ON r.chrom::VARCHAR = v.chrom AND r.pos BETWEEN v.pos - {half} AND v.pos + {half}
+        WHERE r.p IS NOT NULL GROUP BY v.row""").df().set_index("row")
+    return near.reindex(planted.index)
 
 
 def validate_set(gwas_dir: str | Path, causal: pd.DataFrame, window_kb: float = 500.0) -> tuple[dict, pd.DataFrame]:
@@ -115,9 +114,7 @@ def validate_set(gwas_dir: str | Path, causal: pd.DataFrame, window_kb: float = 
     except (OSError, ValueError) as e:
         raise InputError(gwas_dir, f"no finished GWAS here ({e}); run `endopheno gwas --out {gwas_dir}`") from None
     table = score_loci(loci[loci["study_wide"]], causal, window_kb)
-    table[["best_phenotype", "best_p", "p_at_variant"]] = [
-        strongest_near(gwas_dir / "results", row.chrom, row.pos, window_kb) if row.kind == "planted" else (None, np.nan, np.nan)
-        for row in table.itertuples()]
+    table[["best_phenotype", "best_p", "p_at_variant"]] = strongest_near(gwas_dir, table[table["kind"] == "planted"], window_kb)
     planted = table[table["kind"] == "planted"]
     return {"planted": len(planted), "found": int(planted["found"].sum()),
             "false_loci": int((table["kind"] == "false").sum()),

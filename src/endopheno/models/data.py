@@ -173,20 +173,16 @@ def highpass(x: torch.Tensor, mask: torch.Tensor, sigma_voxels: float) -> torch.
     step, lobar size, a random warp) that otherwise takes the largest share of every reconstruction
     code's dimensions (BENCHMARKS.md, "Is it the grid, or the objective?"). Differentiable (a separable
     convolution), so attribution through it reaches the unfiltered input."""
-    radius = max(1, math.ceil(3 * sigma_voxels))
-    taps = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma_voxels) ** 2)
-    taps = (taps / taps.sum()).to(x.dtype)
+    from monai.networks.layers import GaussianFilter
+
+    # MONAI's separable filter, zero-padded and truncated at 3 SD like scipy's; its sampled kernel is not
+    # normalised, which the division by the smoothed mask cancels.
+    smooth = GaussianFilter(3, sigma_voxels, truncated=3.0, approx="sampled").to(x.device, x.dtype)
     m = mask.to(x.dtype)
-
-    def smooth(v: torch.Tensor) -> torch.Tensor:
-        shape = v.shape
-        v = v.reshape(-1, 1, *shape[-3:])
-        for axis in range(3):
-            kernel = taps.reshape([1, 1] + [-1 if a == axis else 1 for a in range(3)]).to(v.device)
-            v = F.conv3d(v, kernel, padding=[radius if a == axis else 0 for a in range(3)])
-        return v.reshape(shape)
-
-    return (x - smooth(x * m) / smooth(m).clamp_min(1e-6)) * m
+    shape = x.shape
+    x = x.reshape(-1, 1, *shape[-3:])
+    m = m.expand_as(x)
+    return ((x - smooth(x * m) / smooth(m).clamp_min(1e-6)) * m).reshape(shape)
 
 
 def brain_mask(ds, factor: int) -> torch.Tensor:
