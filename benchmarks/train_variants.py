@@ -5,7 +5,7 @@
     python benchmarks/train_variants.py cnn3d --svm-only --res 4 --res 6 --res 8
 
 Trains the model of params.yaml `train.models` with `--set key=value` overrides (`options.*`,
-`augment.*`, `loader_workers`, `threads`, or any model key) on the given outer folds of `endopheno
+`augment.*`, `in_memory`, `loader_workers`, `threads`, or any model key) on the given outer folds of `endopheno
 train` (same seed, same subjects) and prints per fold the test balanced accuracy / AUC, the best epoch
 and the validation-loss curve, beside the linear SVM baseline. `--svm-only` prints the baseline at each
 resolution. Compare variants in one session: the machine is noisy.
@@ -33,7 +33,7 @@ def trainer(model: str, res: float, overrides: list[str]) -> Trainer:
         group, _, sub = key.partition(".")
         if group in ("options", "augment") and sub:
             spec[group] = {**(spec.get(group) or {}), sub: value}
-        elif key in ("loader_workers", "threads"):
+        elif key in ("in_memory", "loader_workers", "threads"):
             params[key] = value
         else:
             spec[key] = value

@@ -158,6 +158,28 @@ def test_fit_resumes_from_its_checkpoint_and_is_deterministic(tmp_path):
     assert [h["train_loss"] for h in resumed.history[:2]] == [h["train_loss"] for h in first.history]
 
 
+def test_training_from_memory_is_training_from_zarr(project):
+    """`in_memory` changes where the epochs read the maps, not what a fold learns."""
+    from endopheno.models.splits import outer_folds
+    from endopheno.models.train import Trainer, load_train_params, model_spec
+    from endopheno.params import load_params
+
+    nets = []
+    for in_memory in (True, False):
+        params = load_params("train", project / "params.yaml")
+        params.update(store=str(project / "volumes.zarr"), participants=str(project / "participants.tsv"),
+                      in_memory=in_memory, loader_workers=1, tracking_uri=None)
+        p = load_train_params(params)
+        trainer = Trainer(p, model_spec(p, "cnn3d"))
+        split = outer_folds(trainer.data.groups, trainer.data.strata, folds=2, seed=p.seed)[0]
+        net, _, _, result, _ = trainer.train_split(split, 7, None, None, f"in_memory {in_memory}")
+        nets.append((net, [h["train_loss"] for h in result.history]))
+    (memory, losses), (streamed, streamed_losses) = nets
+    assert len(losses) >= 3 and losses == streamed_losses
+    for a, b in zip(memory.state_dict().values(), streamed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_mixup_blends_each_subject_with_the_partner_whose_label_it_returns():
     from endopheno.models.train import _mixup
 

@@ -206,14 +206,19 @@ class VolumeDataset(torch.utils.data.Dataset):
     parallel and prefetch ahead of the model; nothing is held in memory between items. ``normalise``
     (mean and SD, per channel or per voxel, fitted on training subjects only) and ``augment`` (a MONAI
     transform) are applied in the worker; ``highpass_voxels`` (`highpass`) is part of the volume itself.
+    ``volumes`` ([N, C, X, Y, Z], what `volume` returns for `rows`, read before) serves the items from
+    memory instead: for training, which passes over the same subjects every epoch.
     """
 
     def __init__(self, store: str | Path, rows: np.ndarray, targets: np.ndarray, *, inputs: tuple[str, ...] = ("T1w",),
                  factor: int = 1, mask: torch.Tensor | None = None, normalise: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 augment=None, highpass_voxels: float | None = None):
+                 augment=None, highpass_voxels: float | None = None, volumes: torch.Tensor | None = None):
         self.store, self.rows, self.targets = str(store), np.asarray(rows), np.asarray(targets, dtype=np.float32)
         self.inputs, self.factor, self.mask = tuple(inputs), factor, mask
         self.normalise, self.augment, self.highpass_voxels = normalise, augment, highpass_voxels
+        if volumes is not None and len(volumes) != len(self.rows):
+            raise ValueError(f"{len(volumes)} volumes for {len(self.rows)} rows")
+        self.volumes = volumes
         self._group = None  # opened lazily, once per worker process
 
     def __len__(self) -> int:
@@ -222,6 +227,8 @@ class VolumeDataset(torch.utils.data.Dataset):
     def volume(self, index: int) -> torch.Tensor:
         import zarr
 
+        if self.volumes is not None:
+            return self.volumes[index]
         if self._group is None:
             self._group = zarr.open_group(self.store, mode="r", path="mni")
         row = int(self.rows[index])

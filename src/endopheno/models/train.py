@@ -91,7 +91,8 @@ class TrainParams:
     folds: int = 5
     validation_fraction: float = 0.2
     resolution_mm: float | None = 4.0   # the models' grid; null = the store's
-    loader_workers: int = 1             # DataLoader worker processes (prefetching reads and augmentation)
+    in_memory: bool = True              # train from the pooled maps the trainer reads once anyway; false: stream from Zarr
+    loader_workers: int = 1             # DataLoader worker processes (prefetching reads and augmentation) when streaming
     threads: int | None = None          # torch threads (null: one per core)
     classes: tuple[str, str] = ("CN", "AD")   # classification: negative, positive
     svm_c: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)   # baseline SVM: C chosen on the validation split
@@ -396,8 +397,8 @@ class Trainer:
         self.highpass_voxels = spec.highpass_mm / (store_mm * self.factor) if spec.highpass_mm else None
         reader = VolumeDataset(p.store, self.data.rows, self.data.target, inputs=spec.inputs, factor=self.factor, mask=self.mask,
                                highpass_voxels=self.highpass_voxels)
-        # Every subject's pooled maps, once: normalisation statistics and the voxel baselines read them
-        # from memory (training itself streams from Zarr through the DataLoader).
+        # Every subject's pooled maps, once: normalisation statistics, the voxel baselines and (with
+        # `in_memory`) the training loaders read them from memory.
         self.volumes = torch.stack([reader.volume(i) for i in range(len(reader))])
         self.shape = tuple(self.volumes.shape[2:])
         # Whatever decides a fold's result: a rerun with all of it unchanged resumes; a change to any (the
@@ -422,10 +423,16 @@ class Trainer:
         target = (self.data.target[rows] - scale[0]) / scale[1]
         augment = augmentation(self.spec.augment, seed) if shuffle else None
         dataset = VolumeDataset(self.p.store, self.data.rows[rows], target, inputs=self.spec.inputs, factor=self.factor,
-                                mask=self.mask, normalise=norm, augment=augment, highpass_voxels=self.highpass_voxels)
-        workers = self.p.loader_workers
+                                mask=self.mask, normalise=norm, augment=augment, highpass_voxels=self.highpass_voxels,
+                                volumes=self.volumes[rows] if self.p.in_memory else None)
+        # From memory an item costs a subtraction and a division: a worker process would only take CPU
+        # from the network (on 2 cores cnn3d's folds train 1.8x faster without; BENCHMARKS.md).
+        workers = 0 if self.p.in_memory else self.p.loader_workers
+        # The order has a generator of its own: the loader's also seeds workers, once (persistent) or
+        # every epoch (none), and sharing it would make the order depend on `in_memory`.
+        order = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if shuffle else None
         return torch.utils.data.DataLoader(
-            dataset, batch_size=self.spec.batch_size, shuffle=shuffle, num_workers=workers,
+            dataset, batch_size=self.spec.batch_size, sampler=order, num_workers=workers,
             persistent_workers=workers > 0, prefetch_factor=2 if workers else None, worker_init_fn=_seed_worker,
             generator=torch.Generator().manual_seed(seed), pin_memory=self.device.type == "cuda")
 
