@@ -20,8 +20,8 @@ import torch
 from _common import machine
 
 from endopheno.models.data import VolumeDataset, augmentation, brain_mask, pool_factor
-from endopheno.models.train import device_of, layout_of, load_train_params, model_spec, task_loss
-from endopheno.models.architectures import build
+from endopheno.models.train import device_of, load_train_params, model_spec, task_loss
+from endopheno.models.architectures import build, layout_of
 from endopheno.params import load_params
 from endopheno.volumes.preprocess import open_mni
 

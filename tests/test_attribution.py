@@ -266,6 +266,8 @@ def test_guided_gradcam_equals_captums_on_cnn3d():
     model = wrap(cnn(3))
     x = torch.randn(2, 1, *SHAPE)
     ours = attribute(model, x, "guided_gradcam")
+    # ours ran in the channels-last layout and handed the weights back in the ordinary one, which captum's runs in
+    assert all(w.is_contiguous() for w in model.parameters())
     theirs = GuidedGradCam(model, model.net.target_layer).attribute(x, target=1, interpolate_mode="trilinear")
     np.testing.assert_allclose(ours, theirs.detach().numpy(), rtol=1e-5, atol=1e-9)
 

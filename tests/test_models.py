@@ -194,8 +194,8 @@ def test_mixup_blends_each_subject_with_the_partner_whose_label_it_returns():
 
 def test_fit_trains_2d_slice_networks_in_their_own_layout():
     """Channels-last 3D cannot hold a Conv2d's weights: slice2d trains in the default layout."""
-    from endopheno.models.architectures import build
-    from endopheno.models.train import ModelSpec, fit, layout_of
+    from endopheno.models.architectures import build, layout_of
+    from endopheno.models.train import ModelSpec, fit
 
     x, y = torch.randn(8, 1, 8, 8, 8), (torch.arange(8) % 2).float()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)

@@ -34,7 +34,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, roc_auc_score
 
 from endopheno.errors import InputError
-from endopheno.models.architectures import build
+from endopheno.models.architectures import build, layout_of
 from endopheno.models.basis import fold_into, independent_components
 from endopheno.models.data import (TaskData, VolumeDataset, augmentation, brain_mask, fit_normalisation, pool_factor,
                                    task_data)
@@ -121,14 +121,6 @@ def model_spec(p: TrainParams, name: str) -> ModelSpec:
     if spec.basis not in (None, "ica") or (spec.basis and spec.task != "reconstruction"):
         raise InputError(f"train.models.{name}", f"basis {spec.basis!r}: only `ica`, of a reconstruction model's latent")
     return ModelSpec(**{**asdict(spec), "inputs": tuple(spec.inputs)})
-
-
-def layout_of(net: torch.nn.Module) -> torch.memory_format:
-    """The memory layout `fit` trains `net` in: channels-last 3D, oneDNN's (and cuDNN's) fast path for
-    Conv3d (1.3-1.8x the training throughput of cnn3d, 1.35-1.45x that of autoencoder3d on a 2-core CPU;
-    BENCHMARKS.md), unless the network holds 2D convolutions (slice2d), whose weights that layout cannot
-    hold."""
-    return torch.contiguous_format if any(w.dim() == 4 for w in net.parameters()) else torch.channels_last_3d
 
 
 def to_device(x: torch.Tensor, device: torch.device, layout: torch.memory_format) -> torch.Tensor:
