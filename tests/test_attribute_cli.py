@@ -71,8 +71,7 @@ def project(tmp_path_factory):
         trainer.checkpoints.mkdir(parents=True)
         metric = SELECTION[trainer.spec.task][0]
         with mlflow_run("endopheno.train", f"train {name}", uri=uri) as run:
-            report = TrainReport(name, trainer.spec.task, [], [], {f"{metric}_mean": 0.0}, run.info.run_id)
-            trainer.register_final(report, trainer.final())
+            trainer.final(TrainReport(name, trainer.spec.task, [], [], {f"{metric}_mean": 0.0}, run.info.run_id))
     yield root
     torch.set_num_threads(threads)
 

@@ -59,7 +59,7 @@ def project(tmp_path_factory) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     train = params["train"]
     train.update(store="volumes.zarr", participants="participants.tsv", checkpoints="models", folds=2,
-                 resolution_mm=None, loader_workers=0, threads=1, fold_workers=1, tracking_uri=f"sqlite:///{root}/mlflow.db")
+                 resolution_mm=None, loader_workers=0, threads=1, tracking_uri=f"sqlite:///{root}/mlflow.db")
     small = {"epochs": 12, "patience": 6, "batch_size": 8, "learning_rate": 5e-3}  # peak of the one-cycle schedule
     train["models"] = {
         "cnn3d": {"architecture": "cnn3d", "options": {"widths": [4, 8], "kernels": [3, 3], "hidden": 8}, **small},
@@ -178,26 +178,6 @@ def test_training_from_memory_is_training_from_zarr(project):
     assert len(losses) >= 3 and losses == streamed_losses
     for a, b in zip(memory.state_dict().values(), streamed.state_dict().values()):
         assert torch.equal(a, b)
-
-
-def test_folds_trained_side_by_side_give_what_one_process_gives(project, tmp_path):
-    """`fold_workers` 2: the folds and the final model train in two worker processes; every job's
-    result is the one a single process computes (the same seeds, one torch thread each)."""
-    from endopheno.models.train import Trainer, load_train_params, model_spec
-    from endopheno.params import load_params
-
-    reports = []
-    for workers in (1, 2):
-        params = load_params("train", project / "params.yaml")
-        params.update(store=str(project / "volumes.zarr"), participants=str(project / "participants.tsv"),
-                      checkpoints=str(tmp_path / f"models{workers}"), fold_workers=workers,
-                      tracking_uri=f"sqlite:///{tmp_path}/mlflow{workers}.db")
-        p = load_train_params(params)
-        reports.append(Trainer(p, model_spec(p, "cnn3d")).run())
-    one, two = reports
-    for a, b in zip(one.folds, two.folds):
-        assert {k: v for k, v in a.items() if k != "train_volumes_per_s"} == {k: v for k, v in b.items() if k != "train_volumes_per_s"}
-    assert one.baseline == two.baseline and one.version == two.version == "1"
 
 
 def test_mixup_blends_each_subject_with_the_partner_whose_label_it_returns():

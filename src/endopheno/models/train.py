@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import logging
 import math
 import os
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -42,7 +40,6 @@ from endopheno.models.data import (TaskData, VolumeDataset, augmentation, brain_
                                    task_data)
 from endopheno.models.splits import Split, check_normalisation, check_split, outer_folds
 from endopheno.models.volume_model import VolumeModel, model_grid_affine
-from endopheno.parallel import default_workers, map_items
 from endopheno.params import from_section
 
 log = logging.getLogger(__name__)
@@ -96,8 +93,7 @@ class TrainParams:
     resolution_mm: float | None = 4.0   # the models' grid; null = the store's
     in_memory: bool = True              # train from the pooled maps the trainer reads once anyway; false: stream from Zarr
     loader_workers: int = 1             # DataLoader worker processes (prefetching reads and augmentation) when streaming
-    threads: int | None = None          # torch threads (null: one per core, shared among fold_workers)
-    fold_workers: int | None = None     # processes training folds and the final model side by side (null: one per core on a CPU, 1 on CUDA)
+    threads: int | None = None          # torch threads (null: one per core)
     classes: tuple[str, str] = ("CN", "AD")   # classification: negative, positive
     svm_c: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)   # baseline SVM: C chosen on the validation split
     final_model: bool = True            # train and register a model on all subjects after the folds
@@ -378,9 +374,11 @@ class Trainer:
         self.p, self.spec = (replace(p, folds=spec.folds) if spec.folds else p), spec
         self.device = device_of(p.device)
         self.amp = (p.amp == "auto" and self.device.type == "cuda") or p.amp is True or p.amp == "on"
-        self.fold_workers = p.fold_workers or (1 if self.device.type == "cuda" else default_workers())
-        self.threads = p.threads or max(1, default_workers() // self.fold_workers)
-        self.configure_torch()
+        if p.threads:
+            torch.set_num_threads(p.threads)
+        if p.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
         ds = open_mni(p.store)
         self.digest = volume_store_digest(ds)
         self.data: TaskData = task_data(ds, p.participants, spec.task, target=spec.target, classes=p.classes)
@@ -401,13 +399,6 @@ class Trainer:
                "digest": self.digest, "data": self.data.digest(), "code": code_digest()}
         self.key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
         self.checkpoints = Path(p.checkpoints) / spec.name / self.key
-
-    def configure_torch(self) -> None:
-        """Threads and determinism, in this process and in every process that trains a job of this run."""
-        torch.set_num_threads(self.threads)
-        if self.p.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
 
     # data -------------------------------------------------------------------------------------------
 
@@ -524,20 +515,10 @@ class Trainer:
                         run_id=run_file.read_text().strip() if run_file.exists() else None) as run:
             run_file.write_text(run.info.run_id)
             self.log_inputs(splits)
-            results = {}
-            # The final model first: it trains on the most subjects, and the folds fill the other workers meanwhile.
-            for job, result in self.train_jobs([FINAL, *splits] if p.final_model else splits):
-                results[FINAL if job == FINAL else job.fold] = result
-                prefix = "final" if job == FINAL else f"fold{job.fold}"
-                for record in result["history"]:
-                    mlflow.log_metrics({f"{prefix}_{k}": v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
-                if job != FINAL:
-                    log.info("%s fold %d: %s (baseline %s)", spec.name, job.fold,
-                             ", ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items() if isinstance(v, float)),
-                             ", ".join(f"{k} {v:.3f}" for k, v in result["baseline"].items()))
-            folds = [results[split.fold]["metrics"] for split in splits]
-            baseline = [results[split.fold]["baseline"] for split in splits]
-            for split, metrics, base in zip(splits, folds, baseline):
+            folds, baseline = [], []
+            for split in splits:
+                metrics, base = self.fold(split)
+                folds.append(metrics), baseline.append(base)
                 mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=split.fold)
                 mlflow.log_metrics({f"baseline_{k}": v for k, v in base.items()}, step=split.fold)
             summary = summarise(folds, baseline)
@@ -546,36 +527,23 @@ class Trainer:
             mlflow.log_dict({"folds": folds, "baseline": baseline, "excluded": data.excluded}, "cv_results.json")
             report = TrainReport(spec.name, spec.task, folds, baseline, summary, run.info.run_id, excluded=data.excluded)
             if p.final_model:
-                self.register_final(report, results[FINAL])
+                self.final(report)
         return report
 
-    def train_jobs(self, jobs: list) -> Iterator[tuple[object, dict]]:
-        """Yield (job, result) for each outer fold (a `Split`) and `FINAL`, in completion order. With more
-        than one fold worker they train side by side in processes of `fold_workers`' local cluster, each
-        on `threads` torch threads: on 2 cores a small 3D CNN gains nothing from a second thread and
-        ~1.8x from a second process (BENCHMARKS.md). Every job is seeded by its fold alone, so the order
-        they finish in changes nothing."""
-        import dask
+    def fold(self, split: Split) -> tuple[dict, dict]:
+        import mlflow
 
-        workers = min(self.fold_workers, len(jobs))
-        # Non-daemonic workers: a job streaming from Zarr (`in_memory` false) starts DataLoader processes.
-        with dask.config.set({"distributed.worker.daemon": False}):
-            for job, result in map_items(_train_job, jobs, workers=workers, label=f"{self.spec.name}: folds",
-                                         shared={"trainer": self}):
-                if isinstance(result, Exception):
-                    raise result
-                yield job, result
-
-    def fold(self, split: Split) -> dict:
-        """Train and test one outer fold: its test metrics, its baseline's, and the per-epoch history
-        (empty for a fold finished in an earlier run, whose history that run logged)."""
         done = self.checkpoints / f"fold{split.fold}.json"
         if done.exists():
             log.info("%s fold %d: done in an earlier run, skipped", self.spec.name, split.fold)
             saved = json.loads(done.read_text())
-            return {"metrics": saved["metrics"], "baseline": saved["baseline"], "history": []}
+            return saved["metrics"], saved["baseline"]
         seed = self.p.seed * 1000 + split.fold
-        net, norm, scale, result, info = self.train_split(split, seed, None, self.checkpoints / f"fold{split.fold}.pt",
+
+        def on_epoch(record):
+            mlflow.log_metrics({f"fold{split.fold}_{k}": v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+
+        net, norm, scale, result, info = self.train_split(split, seed, on_epoch, self.checkpoints / f"fold{split.fold}.pt",
                                                             f"{self.spec.name} fold {split.fold}")
         test = self.loader(split.test, norm, scale, shuffle=False, seed=seed)
         truth = self.data.target[split.test]
@@ -587,11 +555,14 @@ class Trainer:
         else:
             voxels = self.volumes[:, 0][:, self.mask].numpy()
             base = linear_baseline(self.spec.task, voxels, self.data.target, split, self.p.svm_c)
+        log.info("%s fold %d: %s (baseline %s)", self.spec.name, split.fold,
+                 ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)),
+                 ", ".join(f"{k} {v:.3f}" for k, v in base.items()))
         done.write_text(json.dumps({"metrics": metrics, "baseline": base}))
         # Once its results are written a fold is never resumed: its weights would only fill the disk.
         for state in self.checkpoints.glob(f"fold{split.fold}*.pt"):
             state.unlink()
-        return {"metrics": metrics, "baseline": base, "history": result.history}
+        return metrics, base
 
     def test_scores(self, net, test, scale, truth: np.ndarray) -> dict[str, float]:
         """The test metrics of `net` on the subjects of loader `test` (regression back in target units)."""
@@ -610,30 +581,20 @@ class Trainer:
             n += len(x)
         return n / (time.perf_counter() - t0)
 
-    def final_split(self) -> Split:
-        """The final model's subjects: every one, less the validation share that early stopping reads."""
-        return outer_folds(self.data.groups, self.data.strata, folds=1, validation_fraction=self.p.validation_fraction,
-                           seed=self.p.seed)[0]
-
-    def final(self) -> dict:
-        """Train the final model on every subject (`final_split`)."""
-        net, norm, scale, result, info = self.train_split(self.final_split(), FINAL_SEED + self.p.seed * 1000, None,
-                                                            self.checkpoints / "final.pt", f"{self.spec.name} final")
-        # The network as torch.save writes it: dask's own serialisation of a Module returns its hook
-        # registries as plain dicts, on which captum (attribution) cannot register hooks.
-        state = io.BytesIO()
-        torch.save(net, state)
-        return {"net": state.getvalue(), "norm": norm, "scale": scale, "best_epoch": result.best_epoch, "info": info,
-                "history": result.history}
-
-    def register_final(self, report: TrainReport, final: dict) -> None:
-        """Log the final model with its signature, register it and decide the alias."""
+    def final(self, report: TrainReport) -> None:
+        """Train on every subject, log the model with its signature, register it and decide the alias."""
         import mlflow
 
-        net = torch.load(io.BytesIO(final["net"]), weights_only=False)
-        norm, scale, seed = final["norm"], final["scale"], FINAL_SEED + self.p.seed * 1000
-        mlflow.log_params({"final_best_epoch": final["best_epoch"], **{f"final_{k}": v for k, v in final["info"].items()}})
-        split = self.final_split()
+        split = outer_folds(self.data.groups, self.data.strata, folds=1, validation_fraction=self.p.validation_fraction,
+                            seed=self.p.seed)[0]
+        seed = self.p.seed * 1000 + 999
+
+        def on_epoch(record):
+            mlflow.log_metrics({f"final_{k}": v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+
+        net, norm, scale, result, info = self.train_split(split, seed, on_epoch, self.checkpoints / "final.pt",
+                                                            f"{self.spec.name} final")
+        mlflow.log_params({"final_best_epoch": result.best_epoch, **{f"final_{k}": v for k, v in info.items()}})
         untrained = self.net(seed)
         if self.spec.basis:
             # The baseline gets the same treatment, so that comparing the two measures what training adds.
@@ -711,16 +672,6 @@ class _SideBySide(torch.nn.Module):
 
     def forward(self, x):
         return torch.stack([n(x) for n in self.nets], dim=1)
-
-
-FINAL = "final"      # the job that trains the final model, beside the outer folds
-FINAL_SEED = 999     # its seed offset (a fold's is its index)
-
-
-def _train_job(job, *, trainer: Trainer) -> dict:
-    """One job of `Trainer.train_jobs`, in whichever process runs it."""
-    trainer.configure_torch()
-    return trainer.final() if job == FINAL else trainer.fold(job)
 
 
 def code_digest() -> str:
