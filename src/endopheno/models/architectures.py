@@ -564,6 +564,6 @@ def build(name: str, in_shape: tuple[int, int, int], in_channels: int = 1, n_out
 def layout_of(net: nn.Module) -> torch.memory_format:
     """The memory layout `net` runs fastest in: channels-last 3D, oneDNN's (and cuDNN's) fast path for
     Conv3d (training: 1.3-1.8x the throughput of cnn3d, 1.35-1.45x that of autoencoder3d on a 2-core CPU;
-    integrated gradients 1.6x; BENCHMARKS.md), unless the network holds 2D convolutions (slice2d), whose
-    weights that layout cannot hold."""
+    the input gradients of integrated gradients 1.76x; BENCHMARKS.md), unless the network holds 2D
+    convolutions (slice2d), whose weights that layout cannot hold."""
     return torch.contiguous_format if any(w.dim() == 4 for w in net.parameters()) else torch.channels_last_3d

@@ -225,10 +225,10 @@ class VolumeDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def volume(self, index: int) -> torch.Tensor:
-        import zarr
-
         if self.volumes is not None:
             return self.volumes[index]
+        import zarr
+
         if self._group is None:
             self._group = zarr.open_group(self.store, mode="r", path="mni")
         row = int(self.rows[index])

@@ -572,8 +572,9 @@ class Trainer:
         return scores(self.spec.task, predicted, truth)
 
     def loader_throughput(self, split: Split) -> float:
-        """Volumes/s of the training DataLoader alone (reads, pooling, normalisation, augmentation), to
-        compare with the training throughput: the loader is not the bottleneck when it is higher."""
+        """Volumes/s of the training DataLoader alone (from memory, or with `in_memory` false the Zarr reads
+        and pooling; normalisation, augmentation), to compare with the training throughput: the loader is
+        not the bottleneck when it is higher."""
         norm = self.normalisation(split.train)
         loader = self.loader(split.train, norm, self.target_scale(split.train), shuffle=True, seed=0)
         t0, n = time.perf_counter(), 0
