@@ -109,6 +109,10 @@ def test_every_bad_input_is_rejected_and_good_subjects_land(phantom_dir, tmp_pat
 
 def _ingest_as(uid: int, manifest: Path, store: Path, queue) -> None:
     try:
+        # While still root, one ingest into a scratch store loads every module ingest imports lazily:
+        # `nobody` may not be allowed to read the virtual environment.
+        warm, _ = inputs_from_manifest(manifest)
+        ingest(warm[:1], store.with_name("warm.zarr"), workers=1)
         os.setgid(uid)
         os.setuid(uid)
         inputs, rejected = inputs_from_manifest(manifest)
@@ -120,8 +124,11 @@ def _ingest_as(uid: int, manifest: Path, store: Path, queue) -> None:
 
 def test_unreadable_file_is_rejected(phantom_dir):
     """A file the user may not read. Root ignores file permissions, so as root the ingest runs in a
-    forked child that has dropped to user `nobody` (in a folder outside pytest's private tmp)."""
+    child that has dropped to user `nobody` (in a folder outside pytest's private tmp). The child is a
+    fresh interpreter (spawn), not a fork of this pytest worker: a fork inherits the locks of the threads
+    earlier tests left running here and once hung in CI for the whole timeout without a word."""
     import multiprocessing
+    import queue as queues
     import tempfile
 
     folder = Path(tempfile.mkdtemp(prefix="endopheno_perm_"))
@@ -131,11 +138,16 @@ def test_unreadable_file_is_rejected(phantom_dir):
     for p in [folder, folder / "ok.nii.gz", folder / "m.csv"]:
         os.chmod(p, 0o777)
     os.chmod(folder / "locked.nii.gz", 0)
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     child = ctx.Process(target=_ingest_as, args=(65534 if os.geteuid() == 0 else os.geteuid(), folder / "m.csv", folder / "v.zarr", queue))
     child.start()
-    result = queue.get(timeout=120)
+    try:
+        result = queue.get(timeout=120)
+    except queues.Empty:
+        child.kill()
+        child.join()
+        raise AssertionError(f"the ingest child said nothing in 120 s (exit code {child.exitcode})") from None
     child.join()
     shutil.rmtree(folder)
     assert not isinstance(result, Exception), result
