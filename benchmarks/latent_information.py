@@ -28,6 +28,8 @@ regressed out, chosen by `--code` (repeatable):
 - `ward:K`: K parcels from Ward clustering of the z-scored voxels with the grid's neighbours as
   connectivity (a data-driven parcellation; Thirion et al. 2014, Front. Neurosci. 8:167); the code is each
   subject's mean log J per parcel. No atlas, no truth.
+- `voxels`: the pooled voxels themselves (every one that varies: a grid of cubes as a parcellation; pass a
+  coarse `--resolution`, e.g. 18, to keep the number of tests near k).
 - `regions`: the mean log J per region of the phantom's atlas on the same grid (the atlas is the planted
   regions' definition: the code any unsupervised parcellation could at best find).
 
@@ -107,6 +109,8 @@ def logjac_code(kind: str, root: Path, subjects: list[str], covariates: np.ndarr
     residual = residualise(x, covariates)
     z = residual / residual.std(0)
     name, _, arg = kind.partition(":")
+    if name == "voxels":
+        return x
     if name in ("pca", "pca_z"):
         # the covariates (with an intercept) are regressed out: the columns are centred already
         u, _, _ = np.linalg.svd(residual if name == "pca" else z, full_matrices=False)
@@ -134,7 +138,7 @@ def logjac_code(kind: str, root: Path, subjects: list[str], covariates: np.ndarr
             share = torch.nn.functional.avg_pool3d(one_hot[:, None], factor, ceil_mode=True)[:, 0].numpy()
             weights = share.reshape(len(atlas.names), -1)[:, keep.ravel()]  # each pooled voxel's share of the region
         return x @ (weights / weights.sum(1, keepdims=True)).T
-    raise SystemExit(f"--code {kind}: not one of pca, pca_z, sparse_pca:ALPHA, ward:K, regions")
+    raise SystemExit(f"--code {kind}: not one of pca, pca_z, sparse_pca:ALPHA, ward:K, voxels, regions")
 
 
 def main() -> None:
@@ -144,7 +148,7 @@ def main() -> None:
     ap.add_argument("--pcs", type=int, default=128)
     ap.add_argument("--resolution", type=float, action="append",
                     help="grid (mm) of the image codes, repeatable (default train.resolution_mm): would a finer autoencoder hold more?")
-    ap.add_argument("--code", action="append", help="image code, repeatable: pca (default), pca_z, sparse_pca:ALPHA, ward:K, regions")
+    ap.add_argument("--code", action="append", help="image code, repeatable: pca (default), pca_z, sparse_pca:ALPHA, ward:K, voxels, regions")
     a = ap.parse_args()
     root = a.root
     volumes = pd.read_csv(root / load_params("phantom", root / "params.yaml")["out"] / "ground_truth" / "subjects.tsv",

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from endopheno.errors import InputError
-from endopheno.models.architectures import ARCHITECTURES, Add, InceptionModule3d, PatchNet, build, patch_grid
+from endopheno.models.architectures import ARCHITECTURES, Add, InceptionModule3d, PatchNet, build, parcel_centres_in, patch_grid
 
 SHAPE = (19, 23, 21)  # odd and all different, so a transposed axis or a dropped row shows
 NAMES = ["cnn3d", "patch27", "slice2d", "inception3d", "inception_resnet3d", "autoencoder3d"]
@@ -292,3 +292,37 @@ def test_a_residual_network_pickled_before_the_sum_was_a_module_still_runs():
             del module._modules["add"]          # what an old pickle's state holds
     restored = pickle.loads(pickle.dumps(net))
     assert torch.allclose(restored(x), expected)
+
+
+def test_parcel_bottleneck_ties_each_dimension_to_its_own_part_of_the_brain():
+    """`bottleneck: parcels`: the config round-trips through JSON, every module runs once, and a dimension
+    paints (and reads) its parcel: at the start, its decoder change lies within 3 SD of its centre."""
+    mask = torch.zeros(SHAPE, dtype=torch.bool)
+    mask[3:16, 4:19, 3:18] = True
+    centres = parcel_centres_in(mask, 12)
+    assert all(mask[tuple(round(c) for c in p)] for p in centres)  # k-means of the brain's voxels
+    model = build("autoencoder3d", SHAPE, in_channels=2, latent=12, widths=(4, 4), bottleneck="parcels",
+                  parcel_centres=centres, parcel_width=1.5).eval()
+    x = volume(2)
+    again = build("autoencoder3d", **json.loads(json.dumps(model.config)))
+    again.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), model(x)) and model.encode(x).shape == (2, 12)
+    calls = {id(m): 0 for m in leaves(model)}
+    hooks = [m.register_forward_hook(lambda mod, i, o: calls.__setitem__(id(mod), calls[id(mod)] + 1)) for m in leaves(model)]
+    model(x)
+    for h in hooks:
+        h.remove()
+    assert set(calls.values()) == {1}
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n) for n in SHAPE], indexing="ij"), -1).float()
+    with torch.no_grad():
+        for d in (0, 5, 11):
+            one = torch.zeros(1, 12)
+            one[0, d] = 1.0
+            painted = (model.expand(one) - model.expand(torch.zeros(1, 12))).abs().sum(1)[0]
+            near = ((grid - torch.tensor(centres[d])) ** 2).sum(-1) <= (3 * 1.5) ** 2
+            assert painted[near].sum() > 0.95 * painted.sum()  # a 3D Gaussian holds 97% of its mass within 3 SD
+            read = torch.softmax(model.encoder[-1].speed * model.encoder[-1].logits[d], 0).reshape(SHAPE)
+            assert read[near].sum() > 0.95  # and it reads a weighted mean of the same part
+    with pytest.raises(InputError, match="bottleneck"):
+        build("autoencoder3d", SHAPE, bottleneck="sparse")

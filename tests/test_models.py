@@ -570,3 +570,30 @@ def test_training_with_an_ica_basis_registers_it_and_refuses_a_tiny_cohort(proje
     volumes = torch.from_numpy(xr.open_zarr(project / "volumes.zarr", group="mni")["T1w"].values[:, None])
     z = model.predict(volumes).double().numpy()     # the final model was fitted on all 48 subjects
     assert np.allclose(z.mean(0), 0, atol=1e-3) and np.allclose(z.std(0, ddof=1), 1, atol=1e-3)
+
+
+def test_a_parcel_autoencoder_trains_registers_and_starts_its_parcels_inside_the_brain(project):
+    """`options.bottleneck: parcels` from the CLI: the trainer starts the parcels at k-means centres of
+    its brain mask, the registered model codes the store's volumes, and an ICA basis is refused (it would
+    mix the dimensions that each parcel owns)."""
+    from endopheno.models.data import brain_mask
+    from endopheno.models.extract import load_model
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    ae = {"architecture": "autoencoder3d", "task": "reconstruction", "folds": 2, "epochs": 2, "patience": 2,
+          "batch_size": 8, "options": {"latent": 8, "widths": [4], "bottleneck": "parcels"}}
+    params["train"]["models"].update(ae_parcels=ae, ae_parcels_ica={**ae, "basis": "ica"})
+    (project / "params_parcels.yaml").write_text(yaml.safe_dump(params))
+    refused = cli("train", "ae_parcels_ica", "--params", "params_parcels.yaml", cwd=project, check=2)
+    assert "parcels" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    cli("train", "ae_parcels", "--params", "params_parcels.yaml", cwd=project, check=0)
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    model = load_model("endopheno.ae_parcels", "1")
+    ds = xr.open_zarr(project / "volumes.zarr", group="mni")
+    z = model.predict(torch.from_numpy(ds["T1w"].values[:, None])).numpy()
+    assert z.shape == (ds.sizes["subject"], 8) and np.isfinite(z).all() and (z.std(0) > 0).all()
+    mask = brain_mask(ds, 1).numpy()
+    centres = model.net.config["parcel_centres"]
+    assert len(centres) == 8 and all(mask[tuple(round(c) for c in p)] for p in centres)

@@ -14,7 +14,8 @@ sizes, odd or even) and offers:
 
 Built only from layers a layer-wise relevance propagation (LRP) rule registry can handle: Conv, BatchNorm,
 ReLU, MaxPool, AdaptiveAvgPool, Flatten, Linear, Dropout, ConvTranspose3d and plain tensor operations
-(cat, reshape, mean, add, indexing). Each ReLU is its own, not in-place module, and no module runs twice
+(cat, reshape, mean, add, indexing); the `parcels` bottleneck of `Autoencoder3d` adds two linear maps
+(`ParcelRead`, `ParcelPaint`) that no LRP rule set knows. Each ReLU is its own, not in-place module, and no module runs twice
 in one forward pass: captum's LRP and guided backpropagation attach hooks to modules, and a module called
 twice (or a functional ``relu``) would escape or confuse them. The one exception is the gated-attention
 pooling of `SliceNet` (Tanh, Sigmoid, softmax), which an LRP rule set must treat as a gate (off by default).
@@ -32,7 +33,7 @@ from torch import nn
 from endopheno.errors import InputError
 
 __all__ = ["ARCHITECTURES", "Autoencoder3d", "CNN3d", "Inception3d", "InceptionModule3d", "InceptionResNet3d",
-           "PatchNet", "SliceNet", "build", "patch_grid"]
+           "PatchNet", "SliceNet", "build", "parcel_centres_in", "patch_grid"]
 
 
 # ---- shared pieces -------------------------------------------------------------------------------
@@ -470,6 +471,60 @@ class InceptionResNet3d(Inception3d):
 
 # ---- autoencoder3d -------------------------------------------------------------------------------
 
+def _bumps(in_shape, centres, width: float) -> torch.Tensor:
+    """``[K, voxels]`` logits of Gaussian bumps (SD `width` voxels) around K voxel coordinates."""
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in in_shape], indexing="ij"), -1)
+    d2 = ((grid[None] - torch.as_tensor(centres, dtype=torch.float32)[:, None, None, None]) ** 2).sum(-1)
+    return (-d2 / (2 * width ** 2)).flatten(1)
+
+
+class ParcelRead(nn.Module):
+    """``[B, C, X, Y, Z]`` features -> ``[B, K]``, the code of the `parcels` bottleneck: K soft parcels,
+    each a softmax over voxels of a learnt logit map (`logits`, shared with `ParcelPaint`); each dimension a
+    learnt channel mix of its parcel's weighted mean. Linear in the features: the latent stays a linear code."""
+
+    # The parcels learn at ten times the other weights' rate: Adam moves a weight by about the learning
+    # rate per step, and a logit must move by units to reshape a parcel (at the shared rate they barely
+    # moved: BENCHMARKS.md, "A parcel bottleneck").
+    speed = 10.0
+
+    def __init__(self, logits: torch.Tensor, channels: int):
+        super().__init__()
+        self.logits = nn.Parameter(logits / self.speed)
+        self.mix = nn.Parameter(torch.randn(len(logits), channels) / math.sqrt(channels))
+        self.bias = nn.Parameter(torch.zeros(len(logits)))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        pooled = torch.einsum("bcv,kv->bkc", f.flatten(2), torch.softmax(self.speed * self.logits, dim=1))
+        return (pooled * self.mix).sum(-1) + self.bias
+
+
+class ParcelPaint(nn.Module):
+    """``[B, K]`` -> ``[B, C, X, Y, Z]``: each dimension paints its parcel (weights scaled to a peak of 1)
+    with a learnt channel vector: a dimension changes only its own part of the reconstruction."""
+
+    def __init__(self, read: ParcelRead, channels: int, in_shape):
+        super().__init__()
+        self.logits, self.shape = read.logits, tuple(in_shape)   # the same Parameter: one set of parcels
+        self.colour = nn.Parameter(torch.randn(len(read.logits), channels) / math.sqrt(len(read.logits)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        w = torch.softmax(ParcelRead.speed * self.logits, dim=1)
+        w = w / w.amax(1, keepdim=True)
+        return torch.einsum("bk,kv,kc->bcv", z, w, self.colour).reshape(len(z), -1, *self.shape)
+
+
+def parcel_centres_in(mask, k: int, seed: int = 0) -> list[list[float]]:
+    """K voxel coordinates spread evenly over a brain mask (k-means of its voxels' coordinates): where the
+    `parcels` bottleneck's dimensions start. The trainer passes them, computed from its brain mask."""
+    from sklearn.cluster import KMeans
+
+    points = torch.nonzero(torch.as_tensor(mask)).double().numpy()
+    if len(points) < k:
+        raise InputError("autoencoder3d", f"parcels: {k} latent dimensions need at least {k} brain voxels, the mask has {len(points)}")
+    return KMeans(k, n_init=1, random_state=seed).fit(points).cluster_centers_.round(3).tolist()
+
+
 class Autoencoder3d(_Model):
     """A 3D convolutional autoencoder whose linear latent code is the endophenotype vector.
 
@@ -477,16 +532,31 @@ class Autoencoder3d(_Model):
     phenotypes for GWAS: Patel et al. (2024, Commun. Biol. 7:414; "UDIPs", a 3D convolutional
     autoencoder with a 128-dimensional linear latent, trained with MSE inside the brain mask).
 
-    Encoder: per width a Conv3d(3³, stride 2, padding 1) -> BatchNorm3d -> ReLU (each axis n -> ceil(n/2)),
-    Flatten, Linear(latent) without activation. Decoder, mirrored: Linear -> ReLU -> reshape, per width a
-    ConvTranspose3d(3³, stride 2) -> BatchNorm3d -> ReLU (each axis doubles), a last Conv3d(3³) to
-    `in_channels` without activation, cropped to `in_shape` (doubling ceil(n/2) repeatedly never falls short
-    of n, so cropping is always enough). The loss (MSE inside the brain mask) is computed by the trainer.
+    `bottleneck: dense` (default). Encoder: per width a Conv3d(3³, stride 2, padding 1) -> BatchNorm3d ->
+    ReLU (each axis n -> ceil(n/2)), Flatten, Linear(latent) without activation. Decoder, mirrored: Linear
+    -> ReLU -> reshape, per width a ConvTranspose3d(3³, stride 2) -> BatchNorm3d -> ReLU (each axis
+    doubles), a last Conv3d(3³) to `in_channels` without activation, cropped to `in_shape` (doubling
+    ceil(n/2) repeatedly never falls short of n, so cropping is always enough).
+
+    `bottleneck: parcels`: every latent dimension is tied to a soft parcel of the grid. Encoder: per width
+    a Conv3d(3³, padding 1) -> BatchNorm3d -> ReLU at full resolution, then each dimension a channel mix
+    of its parcel's weighted mean of those features (`ParcelRead`). Decoder, mirrored: each dimension
+    paints its parcel (`ParcelPaint`), then Conv3d -> ReLU -> Conv3d to `in_channels`. The parcels are
+    learnt with the rest, started as Gaussian bumps of SD `parcel_width` voxels around `parcel_centres`
+    (`parcel_centres_in(brain_mask, latent)`; the trainer passes them). Why: a dense code spends its
+    dimensions on the brain-wide variation, and each dimension mixes every region, so a GWAS per
+    dimension finds no small region's locus; a parcel code is a learnt, soft parcellation of the
+    kind that does (Ward parcels of the same maps; Thirion et al. 2014). Its untrained copy has the
+    starting bumps and random features. BENCHMARKS.md, "A parcel bottleneck".
+
+    The loss (MSE inside the brain mask) is computed by the trainer.
 
     Parameters
     ----------
     in_shape, in_channels : as `CNN3d`. n_outputs : accepted and ignored (`build` passes it).
     latent : size of the code (`embedding_dim`). widths : filters of the encoder blocks.
+    bottleneck : ``"dense"`` or ``"parcels"``. parcel_centres : ``latent`` voxel coordinates (parcels
+    only; default: k-means of the whole grid). parcel_width : SD of the starting bumps, in voxels.
 
     `target_layer`: the last encoder Conv3d (Grad-CAM of a latent unit).
     """
@@ -494,12 +564,32 @@ class Autoencoder3d(_Model):
     name = "autoencoder3d"
 
     def __init__(self, in_shape, in_channels: int = 1, n_outputs: int | None = None, latent: int = 128,
-                 widths=(16, 32, 64)):
+                 widths=(16, 32, 64), bottleneck: str = "dense", parcel_centres=None, parcel_width: float = 2.0):
         super().__init__()
         n = self.name
         in_shape, widths = _shape3(n, in_shape), _ints(n, "widths", widths)
+        if bottleneck not in ("dense", "parcels"):
+            raise InputError(n, f"bottleneck {bottleneck!r}: dense or parcels")
+        latent = _positive(n, "latent", latent)
         self.config = dict(in_shape=in_shape, in_channels=_positive(n, "in_channels", in_channels),
-                           latent=_positive(n, "latent", latent), widths=widths)
+                           latent=latent, widths=widths, bottleneck=bottleneck)
+        self.embedding_dim = latent
+        if bottleneck == "parcels":
+            if parcel_centres is None:
+                parcel_centres = parcel_centres_in(torch.ones(in_shape, dtype=torch.bool), latent)
+            parcel_centres = [[float(c) for c in p] for p in parcel_centres]
+            if len(parcel_centres) != latent or any(len(p) != 3 for p in parcel_centres):
+                raise InputError(n, f"parcel_centres: {latent} voxel coordinates (x, y, z) expected")
+            self.config.update(parcel_centres=parcel_centres, parcel_width=float(parcel_width))
+            layers, c = [], in_channels
+            for w in widths:
+                layers += [nn.Conv3d(c, w, 3, padding=1), nn.BatchNorm3d(w), nn.ReLU()]
+                c = w
+            read = ParcelRead(_bumps(in_shape, parcel_centres, float(parcel_width)), c)
+            self.encoder = nn.Sequential(*layers, read)
+            self.expand = ParcelPaint(read, c, in_shape)
+            self.decoder = nn.Sequential(nn.Conv3d(c, c, 3, padding=1), nn.ReLU(), nn.Conv3d(c, in_channels, 3, padding=1))
+            return
         layers, c, shape = [], in_channels, list(in_shape)
         for w in widths:
             layers += [nn.Conv3d(c, w, 3, stride=2, padding=1), nn.BatchNorm3d(w), nn.ReLU()]
@@ -512,7 +602,6 @@ class Autoencoder3d(_Model):
             layers += [nn.ConvTranspose3d(c, w, 3, stride=2, padding=1, output_padding=1), nn.BatchNorm3d(w), nn.ReLU()]
             c = w
         self.decoder = nn.Sequential(*layers, nn.Conv3d(c, in_channels, 3, padding=1))
-        self.embedding_dim = latent
 
     @property
     def target_layer(self) -> nn.Module:
@@ -525,6 +614,8 @@ class Autoencoder3d(_Model):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """``[B, C, X, Y, Z]``: the reconstruction of a code."""
+        if self.config["bottleneck"] == "parcels":
+            return self.decoder(self.expand(z))
         x, y, zz = self.config["in_shape"]
         return self.decoder(self.expand(z).reshape(-1, *self.code_shape))[:, :, :x, :y, :zz]
 

@@ -34,7 +34,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, roc_auc_score
 
 from endopheno.errors import InputError
-from endopheno.models.architectures import build, layout_of
+from endopheno.models.architectures import build, layout_of, parcel_centres_in
 from endopheno.models.basis import fold_into, independent_components
 from endopheno.models.data import (TaskData, VolumeDataset, augmentation, brain_mask, fit_normalisation, pool_factor,
                                    task_data)
@@ -120,6 +120,8 @@ def model_spec(p: TrainParams, name: str) -> ModelSpec:
         raise InputError(f"train.models.{name}", f"highpass_mm {spec.highpass_mm!r}: a Gaussian SD in mm > 0, or null")
     if spec.basis not in (None, "ica") or (spec.basis and spec.task != "reconstruction"):
         raise InputError(f"train.models.{name}", f"basis {spec.basis!r}: only `ica`, of a reconstruction model's latent")
+    if spec.basis and spec.options.get("bottleneck") == "parcels":
+        raise InputError(f"train.models.{name}", "basis ica would mix the dimensions of the parcels bottleneck, each tied to its parcel")
     return ModelSpec(**{**asdict(spec), "inputs": tuple(spec.inputs)})
 
 
@@ -431,7 +433,11 @@ class Trainer:
     def net(self, seed: int, **overrides) -> torch.nn.Module:
         torch.manual_seed(seed)
         n_outputs = {"classification": 2, "regression": 1, "reconstruction": None}[self.spec.task]
-        return build(self.spec.architecture, self.shape, len(self.spec.inputs), n_outputs, **{**self.spec.options, **overrides})
+        options = {**self.spec.options, **overrides}
+        if options.get("bottleneck") == "parcels" and options.get("parcel_centres") is None:
+            # the parcels start spread over the brain, not over the grid's empty corners
+            options["parcel_centres"] = parcel_centres_in(self.mask, options.get("latent", 128), seed=self.p.seed)
+        return build(self.spec.architecture, self.shape, len(self.spec.inputs), n_outputs, **options)
 
     # one fold -----------------------------------------------------------------------------------------
 
