@@ -388,6 +388,7 @@ class Trainer:
         self.factor = pool_factor(store_mm, p.resolution_mm)
         self.affine = model_grid_affine(np.asarray(ds.attrs["affine"]), self.factor)
         self.mask = brain_mask(ds, self.factor)
+        self.parcel_centres: dict[int, list[list[float]]] = {}  # latent size -> start of the parcels bottleneck
         self.highpass_voxels = spec.highpass_mm / (store_mm * self.factor) if spec.highpass_mm else None
         reader = VolumeDataset(p.store, self.data.rows, self.data.target, inputs=spec.inputs, factor=self.factor, mask=self.mask,
                                highpass_voxels=self.highpass_voxels)
@@ -435,8 +436,12 @@ class Trainer:
         n_outputs = {"classification": 2, "regression": 1, "reconstruction": None}[self.spec.task]
         options = {**self.spec.options, **overrides}
         if options.get("bottleneck") == "parcels" and options.get("parcel_centres") is None:
-            # the parcels start spread over the brain, not over the grid's empty corners
-            options["parcel_centres"] = parcel_centres_in(self.mask, options.get("latent", 128), seed=self.p.seed)
+            # the parcels start spread over the brain, not over the grid's empty corners; the same centres
+            # for every fold, the untrained copy and the final model, so k-means runs once
+            latent = options.get("latent", 128)
+            if latent not in self.parcel_centres:
+                self.parcel_centres[latent] = parcel_centres_in(self.mask, latent, seed=self.p.seed)
+            options["parcel_centres"] = self.parcel_centres[latent]
         return build(self.spec.architecture, self.shape, len(self.spec.inputs), n_outputs, **options)
 
     # one fold -----------------------------------------------------------------------------------------
