@@ -511,7 +511,8 @@ class ParcelPaint(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         w = torch.softmax(ParcelRead.speed * self.logits, dim=1)
         w = w / w.amax(1, keepdim=True)
-        return torch.einsum("bk,kv,kc->bcv", z, w, self.colour).reshape(len(z), -1, *self.shape)
+        # (codes x colours) @ parcels: einsum's left-to-right order would build a [B, K, voxels] product first
+        return ((z[:, :, None] * self.colour).transpose(1, 2) @ w).reshape(len(z), -1, *self.shape)
 
 
 def parcel_centres_in(mask, k: int, seed: int = 0) -> list[list[float]]:
