@@ -52,8 +52,9 @@ def test_dvc_repro_on_a_fresh_clone(tmp_path):
     params["train"].update(folds=2, resolution_mm=8.0, loader_workers=0, threads=1)
     tiny = {"epochs": 2, "patience": 2, "batch_size": 4}
     params["train"]["models"]["cnn3d"].update(options={"widths": [4, 8], "kernels": [3, 3], "hidden": 8}, **tiny)
-    # 16 subjects cannot whiten a 128-dim latent (test_models.py tests the independent-component basis)
-    params["train"]["models"]["autoencoder3d"].update(options={"latent": 128, "widths": [4, 8]}, basis=None, **tiny)
+    # the default parcel bottleneck, narrow
+    params["train"]["models"]["autoencoder3d"].update(options={**params["train"]["models"]["autoencoder3d"]["options"],
+                                                               "widths": [4]}, **tiny)
     params["extract"]["loader_workers"] = 0
     params["attribute"].update(subjects=4, randomisation_subjects=2, batch_size=4, ig_steps=8, ig_max_steps=16,
                                subject_maps=False)
