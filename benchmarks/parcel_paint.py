@@ -17,15 +17,13 @@ import torch
 
 from _common import machine
 
-from endopheno.models.architectures import Autoencoder3d, ParcelPaint, ParcelRead
+from endopheno.models.architectures import Autoencoder3d, ParcelPaint
 
 SHAPE = (26, 32, 27)
 
 
 def einsum_paint(self: ParcelPaint, z: torch.Tensor) -> torch.Tensor:
-    w = torch.softmax(ParcelRead.speed * self.logits, dim=1)
-    w = w / w.amax(1, keepdim=True)
-    return torch.einsum("bk,kv,kc->bcv", z, w, self.colour).reshape(len(z), -1, *self.shape)
+    return torch.einsum("bk,kv,kc->bcv", z, self.weights(), self.colour).reshape(len(z), -1, *self.shape)
 
 
 def step_seconds(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> float:

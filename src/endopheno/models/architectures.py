@@ -494,8 +494,12 @@ class ParcelRead(nn.Module):
         self.mix = nn.Parameter(torch.randn(len(logits), channels) / math.sqrt(channels))
         self.bias = nn.Parameter(torch.zeros(len(logits)))
 
+    def weights(self) -> torch.Tensor:
+        """``[K, voxels]``: each parcel's weights, summing to 1."""
+        return torch.softmax(self.speed * self.logits, dim=1)
+
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        pooled = torch.einsum("bcv,kv->bkc", f.flatten(2), torch.softmax(self.speed * self.logits, dim=1))
+        pooled = torch.einsum("bcv,kv->bkc", f.flatten(2), self.weights())
         return (pooled * self.mix).sum(-1) + self.bias
 
 
@@ -508,9 +512,13 @@ class ParcelPaint(nn.Module):
         self.logits, self.shape = read.logits, tuple(in_shape)   # the same Parameter: one set of parcels
         self.colour = nn.Parameter(torch.randn(len(read.logits), channels) / math.sqrt(len(read.logits)))
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def weights(self) -> torch.Tensor:
+        """``[K, voxels]``: each parcel's weights scaled to a peak of 1."""
         w = torch.softmax(ParcelRead.speed * self.logits, dim=1)
-        w = w / w.amax(1, keepdim=True)
+        return w / w.amax(1, keepdim=True)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        w = self.weights()
         # (codes x colours) @ parcels: einsum's left-to-right order would build a [B, K, voxels] product first
         return ((z[:, :, None] * self.colour).transpose(1, 2) @ w).reshape(len(z), -1, *self.shape)
 
