@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from endopheno.errors import InputError
-from endopheno.models.architectures import ARCHITECTURES, Add, InceptionModule3d, PatchNet, build, parcel_centres_in, patch_grid
+from endopheno.models.architectures import (ARCHITECTURES, Add, InceptionModule3d, PatchNet, build, parcel_centres_in, patch_grid,
+                                              ward_parcels)
 
 SHAPE = (19, 23, 21)  # odd and all different, so a transposed axis or a dropped row shows
 NAMES = ["cnn3d", "patch27", "slice2d", "inception3d", "inception_resnet3d", "autoencoder3d"]
@@ -326,3 +327,28 @@ def test_parcel_bottleneck_ties_each_dimension_to_its_own_part_of_the_brain():
             assert read[near].sum() > 0.95  # and it reads a weighted mean of the same part
     with pytest.raises(InputError, match="bottleneck"):
         build("autoencoder3d", SHAPE, bottleneck="sparse")
+
+
+def test_ward_parcels_group_the_voxels_that_vary_together_and_the_bottleneck_can_start_from_them():
+    """Two halves of a brain whose voxels share a subject-level term each: Ward with k = 2 splits the brain
+    exactly there (and nowhere outside the mask), and `start_as` makes each parcel read its own half."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(SHAPE, dtype=torch.bool)
+    mask[3:16, 4:19, 3:18] = True
+    half = torch.zeros(SHAPE, dtype=torch.bool)
+    half[3:10] = True
+    a, b = torch.randn(60, 1, 1, 1, generator=g), torch.randn(60, 1, 1, 1, generator=g)
+    maps = torch.where(half, a, b) + 0.3 * torch.randn(60, *SHAPE, generator=g)
+    labels = ward_parcels(maps, mask, 2)
+    assert (labels[~mask.flatten()] == -1).all()
+    inside = labels[mask.flatten()]
+    first = labels[(mask & half).flatten()]
+    assert len(first.unique()) == 1 and len(inside.unique()) == 2 and (labels[(mask & ~half).flatten()] != first[0]).all()
+    model = build("autoencoder3d", SHAPE, latent=2, widths=(4,), bottleneck="parcels")
+    read = model.encoder[-1]
+    read.start_as(labels)
+    w = read.weights()
+    for k in (0, 1):
+        assert w[k][labels == k].sum() > 0.99
+    with pytest.raises(InputError, match="parcel"):
+        read.start_as(torch.zeros_like(labels))   # parcel 1 would have no voxel

@@ -575,14 +575,15 @@ def test_training_with_an_ica_basis_registers_it_and_refuses_a_tiny_cohort(proje
 def test_a_parcel_autoencoder_trains_registers_and_starts_its_parcels_inside_the_brain(project):
     """`options.bottleneck: parcels` from the CLI: the trainer starts the parcels at k-means centres of
     its brain mask, the registered model codes the store's volumes, and an ICA basis is refused (it would
-    mix the dimensions that each parcel owns)."""
+    mix the dimensions that each parcel owns). `parcels: ward` starts them as a hard parcellation instead,
+    the untrained copy still as bumps."""
     from endopheno.models.data import brain_mask
     from endopheno.models.extract import load_model
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     ae = {"architecture": "autoencoder3d", "task": "reconstruction", "folds": 2, "epochs": 2, "patience": 2,
           "batch_size": 8, "options": {"latent": 8, "widths": [4], "bottleneck": "parcels"}}
-    params["train"]["models"].update(ae_parcels=ae, ae_parcels_ica={**ae, "basis": "ica"})
+    params["train"]["models"].update(ae_parcels=ae, ae_parcels_ica={**ae, "basis": "ica"}, ae_ward={**ae, "parcels": "ward"})
     (project / "params_parcels.yaml").write_text(yaml.safe_dump(params))
     refused = cli("train", "ae_parcels_ica", "--params", "params_parcels.yaml", cwd=project, check=2)
     assert "parcels" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
@@ -597,3 +598,13 @@ def test_a_parcel_autoencoder_trains_registers_and_starts_its_parcels_inside_the
     mask = brain_mask(ds, 1).numpy()
     centres = model.net.config["parcel_centres"]
     assert len(centres) == 8 and all(mask[tuple(round(c) for c in p)] for p in centres)
+
+    def half_max_share(model):  # weight within each parcel's half-maximum: ~0.3 for a 3D Gaussian bump, ~1 for a hard parcel
+        w = model.net.encoder[-1].weights()
+        return torch.where(w >= 0.5 * w.amax(1, keepdim=True), w, 0).sum(1)
+
+    assert (half_max_share(model) < 0.6).all()
+    cli("train", "ae_ward", "--params", "params_parcels.yaml", cwd=project, check=0)
+    ward = load_model("endopheno.ae_ward", "1")
+    assert (half_max_share(ward) > 0.95).all()   # started as Ward parcels of the training maps
+    assert (half_max_share(load_model("endopheno.ae_ward_untrained", "1")) < 0.6).all()   # its untrained copy keeps the bumps

@@ -34,7 +34,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, roc_auc_score
 
 from endopheno.errors import InputError
-from endopheno.models.architectures import build, layout_of, parcel_centres_in
+from endopheno.models.architectures import build, layout_of, parcel_centres_in, ward_parcels
 from endopheno.models.basis import fold_into, independent_components
 from endopheno.models.data import (TaskData, VolumeDataset, augmentation, brain_mask, fit_normalisation, pool_factor,
                                    task_data)
@@ -74,6 +74,7 @@ class ModelSpec:
     basis: str | None = None            # reconstruction: `ica`, the final latent's axes as independent components (models/basis.py)
     highpass_mm: float | None = None    # input maps minus their Gaussian-smoothed copy (SD in mm; data.highpass); null = as read
     normalisation: str = "map"          # map: one mean and SD per input map | voxel: each voxel's own (training subjects)
+    parcels: str = "bumps"              # parcels bottleneck's start: bumps (around k-means centres of the mask) | ward (of the training maps)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,8 @@ def model_spec(p: TrainParams, name: str) -> ModelSpec:
         raise InputError(f"train.models.{name}", f"basis {spec.basis!r}: only `ica`, of a reconstruction model's latent")
     if spec.basis and spec.options.get("bottleneck") == "parcels":
         raise InputError(f"train.models.{name}", "basis ica would mix the dimensions of the parcels bottleneck, each tied to its parcel")
+    if spec.parcels not in ("bumps", "ward"):
+        raise InputError(f"train.models.{name}", f"parcels {spec.parcels!r}: bumps or ward")
     return ModelSpec(**{**asdict(spec), "inputs": tuple(spec.inputs)})
 
 
@@ -464,6 +467,8 @@ class Trainer:
                 net, info = self.select_patches(train, validation, split, seed, on_epoch, checkpoint, label)
             else:
                 net = self.net(seed)
+                if self.spec.parcels == "ward" and self.spec.options.get("bottleneck") == "parcels":
+                    self.start_parcels(net, split.train, norm)
             result = fit(net, train, validation, task=self.spec.task, spec=self.spec, epochs=self.spec.epochs, device=self.device,
                          amp=self.amp, mask=self.mask, checkpoint=checkpoint, label=label, on_epoch=on_epoch)
             chance = self.chance_loss(split.train)
@@ -485,6 +490,13 @@ class Trainer:
             q = float(np.clip(self.data.target[rows].mean(), 1e-6, 1 - 1e-6))
             return -(q * math.log(q) + (1 - q) * math.log(1 - q))
         return 1.0 if self.spec.task == "regression" else math.inf
+
+    def start_parcels(self, net, rows: np.ndarray, norm) -> None:
+        """Start the parcels bottleneck as a Ward parcellation of what the network reads (the normalised,
+        filtered maps) of the training subjects `rows` alone. The untrained baseline keeps the bumps: the
+        parcellation is fitted to data, a part of training."""
+        maps = ((self.volumes[rows] - norm[0]) / norm[1] * self.mask).flatten(0, 1)   # each map of each subject a sample
+        net.encoder[-1].start_as(ward_parcels(maps, self.mask, net.embedding_dim))
 
     def select_patches(self, train, validation, split: Split, seed: int, on_epoch, checkpoint, label):
         """patch27: the 27 single-patch networks train side by side (one pass over the data per epoch),
@@ -739,7 +751,8 @@ def register(model: VolumeModel, name: str, report: TrainReport, spec: ModelSpec
     tags = {"task": spec.task, "architecture": spec.architecture, "folds": str(p.folds), "metric": metric,
             "cv_value": "" if untrained else f"{report.summary[f'{metric}_mean']:.6f}", "untrained": str(untrained).lower(),
             "inputs": ",".join(spec.inputs), "resolution_mm": str(p.resolution_mm), "basis": str(spec.basis),
-            "highpass_mm": str(spec.highpass_mm), "normalisation": spec.normalisation, "training_run": report.run_id}
+            "highpass_mm": str(spec.highpass_mm), "normalisation": spec.normalisation, "parcels": spec.parcels,
+            "training_run": report.run_id}
     client = mlflow.MlflowClient()
     tags["volume_store_digest"] = client.get_run(report.run_id).data.tags.get("volume_store_digest", "")
     for k, v in tags.items():
@@ -749,7 +762,7 @@ def register(model: VolumeModel, name: str, report: TrainReport, spec: ModelSpec
 
 # Version tags two versions' metrics are compared on, with the value of versions registered before the tag.
 COMPARABLE_ON = {"inputs": None, "resolution_mm": None, "volume_store_digest": None, "basis": "None", "highpass_mm": "None",
-                 "normalisation": "map"}
+                 "normalisation": "map", "parcels": "bumps"}
 
 
 def set_champion(name: str, version: str, metric: str | None, higher: bool) -> bool:
@@ -757,7 +770,7 @@ def set_champion(name: str, version: str, metric: str | None, higher: bool) -> b
     (or there is none; `metric` None: always). Metrics of models reading other input maps, another grid,
     other volumes (the store's digest: recomputed maps, new subjects) or the maps filtered or normalised
     otherwise are not comparable (a reconstruction error of T1 vs of log-Jacobian maps), nor are
-    endophenotypes whose latent has other axes (`basis`: the same reconstruction error, other features):
+    endophenotypes whose latent has other axes (`basis`, `parcels`: the same reconstruction error, other features):
     then the new version, which is what params.yaml and the store now hold, takes the alias. Returns
     whether it did."""
     import mlflow
