@@ -5,9 +5,9 @@ For each variant (a `;`-separated list of `key=value` overrides of `train.models
 the same validation split and seed, no MLflow), embeds every subject, and prints per planted causal
 variant the largest |t| over the 128 dimensions at that variant, covariates of the pipeline's GWAS
 regressed out (`latent_information.py`'s `best dim`, what `gwas` tests), and how many of them pass the
-study-wide |t|. A locus the pipeline finds needs a clumped lead within 500 kb, which may be a neighbour
-of the planted variant with a smaller p, so the count here is a floor of the pipeline's; confirm a
-winner with `dvc repro`. `--untrained` adds each variant's untrained copy (the `ae_t1_random` baseline).
+study-wide |t|, and the same over every variant within 500 kb of it: the pipeline counts a locus when a
+clumped lead lies in that window, often a neighbour in LD with a smaller p than the planted variant's (the
+count here skips the clumping; confirm a winner with `dvc repro`). `--untrained` adds each variant's untrained copy (the `ae_t1_random` baseline).
 
 Reads a finished `dvc repro` from the repository root (the volume store, the ae_t1 cohort's covariates,
 the phantom's truth):
@@ -39,41 +39,44 @@ def embed(tr, net, norm, scale) -> np.ndarray:
         return torch.cat([model.predict(tr.volumes[i:i + 32]) for i in range(0, len(tr.volumes), 32)]).double().numpy()
 
 
-def window_dosages(root: Path, chrom, pos: int, kb: int = 500) -> pd.DataFrame:
-    """Dosages (by IID) of every variant within `kb` of a position: the window a locus is counted in."""
+def planted_windows(root: Path, kb: int = 500) -> list[tuple[str, str, pd.DataFrame]]:
+    """Per planted variant: its region, its dosage column, and the dosages (by IID) of every variant within
+    `kb` of it, the planted one included: the window a locus is counted in. Read once, for every variant."""
+    causal, _ = causal_dosages(root)
     source = load_params("genotypes", root / "params.yaml")["source"]
+    windows = []
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(["plink2", "--bfile", str(root / source), "--chr", str(chrom), "--from-bp", str(max(pos - kb * 1000, 1)),
-                        "--to-bp", str(pos + kb * 1000), "--export", "A", "--out", f"{tmp}/w"], check=True, capture_output=True)
-        return pd.read_csv(f"{tmp}/w.raw", sep=r"\s+").set_index("IID").iloc[:, 5:]
+        for _, v in causal.iterrows():
+            subprocess.run(["plink2", "--bfile", str(root / source), "--chr", str(v["chrom"]), "--from-bp",
+                            str(max(int(v["pos"]) - kb * 1000, 1)), "--to-bp", str(int(v["pos"]) + kb * 1000),
+                            "--export", "A", "--out", f"{tmp}/w"], check=True, capture_output=True)
+            windows.append((v["region"], v["column"], pd.read_csv(f"{tmp}/w.raw", sep=r"\s+").set_index("IID").iloc[:, 5:]))
+    return windows
 
 
-def best_t(code: np.ndarray, subjects: list[str], root: Path, feature_set: str = "ae_t1") -> tuple[list[float], list[float], float, list[str]]:
-    """Per planted variant, the largest |t| over the code's dimensions at the variant and over its 500 kb
-    window (every variant in it: what the pipeline's locus count sees); the study-wide |t|; the regions."""
+def best_t(code: np.ndarray, subjects: list[str], root: Path, windows, feature_set: str = "ae_t1") -> tuple[list[float], list[float], float]:
+    """Per planted variant (`planted_windows`), the largest |t| over the code's dimensions at the variant and
+    over its window (what the pipeline's locus count sees); and the study-wide |t|."""
     cohort = root / "stores" / "gwas" / feature_set / "cohort"
     covar = pd.read_csv(cohort / "covar.tsv", sep="\t").set_index("IID").drop(columns="FID")
-    causal, raw = causal_dosages(root)
     index = {s: i for i, s in enumerate(subjects)}
-    keep = [s for s in covar.index if s in index and s in raw.index]
+    keep = [s for s in covar.index if s in index and s in windows[0][2].index]
     c = np.column_stack([np.ones(len(keep)), pd.get_dummies(covar.loc[keep], drop_first=True).astype(float).to_numpy()])
     y = code[[index[s] for s in keep]]
     y = residualise(y[:, y.std(0) > 0], c)
-    df = len(keep) - c.shape[1] - 1
+
+    def largest_t(dosage: np.ndarray) -> float:
+        ok = ~np.isnan(dosage)   # a missing call leaves the subject out, as plink2 does
+        if not dosage[ok].std() > 0:
+            return 0.0
+        return float(np.abs(t_stats(residualise(dosage[ok], c[ok]), y[ok], ok.sum() - c.shape[1] - 1)).max())
+
     at_variant, in_window = [], []
-    for _, v in causal.iterrows():
-        dosage = raw.loc[keep, v["column"]].to_numpy(float)
-        ok = ~np.isnan(dosage)
-        at_variant.append(float(np.abs(t_stats(residualise(dosage[ok], c[ok]), y[ok], df)).max()))
-        window = window_dosages(root, v["chrom"], int(v["pos"])).loc[keep]
-        best = 0.0
-        for column in window.columns:   # a missing call leaves the subject out, as plink2 does
-            dosage = window[column].to_numpy(float)
-            ok = ~np.isnan(dosage)
-            if dosage[ok].std() > 0:
-                best = max(best, float(np.abs(t_stats(residualise(dosage[ok], c[ok]), y[ok], ok.sum() - c.shape[1] - 1)).max()))
-        in_window.append(best)
-    return at_variant, in_window, float(stats.t.isf(5e-8 / y.shape[1] / 2, df)), list(causal["region"])
+    for _, column, window in windows:
+        window = window.loc[keep]
+        at_variant.append(largest_t(window[column].to_numpy(float)))
+        in_window.append(max(largest_t(window[col].to_numpy(float)) for col in window.columns))
+    return at_variant, in_window, float(stats.t.isf(5e-8 / y.shape[1] / 2, len(keep) - c.shape[1] - 1))
 
 
 def main() -> None:
@@ -82,6 +85,8 @@ def main() -> None:
     ap.add_argument("--untrained", action="store_true")
     ap.add_argument("--root", type=Path, default=Path("."))
     a = ap.parse_args()
+    windows = planted_windows(a.root)
+    regions = [region for region, _, _ in windows]
     rows = []
     for variant in a.variant or [""]:
         overrides = [kv for kv in variant.split(";") if kv]
@@ -96,7 +101,7 @@ def main() -> None:
         if a.untrained:
             nets.append(("untrained", tr.net(seed), ""))
         for kind, n, info in nets:
-            t, window, threshold, regions = best_t(embed(tr, n, norm, scale), tr.data.subjects.tolist(), a.root)
+            t, window, threshold = best_t(embed(tr, n, norm, scale), tr.data.subjects.tolist(), a.root, windows)
             found = sum(x >= threshold for x in window)
             rows.append((f"`{variant or 'params.yaml'}` {kind}", list(zip(t, window)), threshold, found, info))
             print(rows[-1], flush=True)

@@ -533,14 +533,19 @@ class ParcelPaint(nn.Module):
         return ((z[:, :, None] * self.colour).transpose(1, 2) @ w).reshape(len(z), -1, *self.shape)
 
 
+def _enough_voxels(mask, k: int) -> None:
+    n = int(torch.as_tensor(mask, dtype=torch.bool).sum())
+    if n < k:
+        raise InputError("autoencoder3d", f"parcels: {k} latent dimensions need at least {k} brain voxels, the mask has {n}")
+
+
 def parcel_centres_in(mask, k: int, seed: int = 0) -> list[list[float]]:
     """K voxel coordinates spread evenly over a brain mask (k-means of its voxels' coordinates): where the
     `parcels` bottleneck's dimensions start. The trainer passes them, computed from its brain mask."""
     from sklearn.cluster import KMeans
 
+    _enough_voxels(mask, k)
     points = torch.nonzero(torch.as_tensor(mask)).double().numpy()
-    if len(points) < k:
-        raise InputError("autoencoder3d", f"parcels: {k} latent dimensions need at least {k} brain voxels, the mask has {len(points)}")
     return KMeans(k, n_init=1, random_state=seed).fit(points).cluster_centers_.round(3).tolist()
 
 
@@ -554,8 +559,7 @@ def ward_parcels(maps: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor
     from sklearn.feature_extraction.image import grid_to_graph
 
     m = torch.as_tensor(mask, dtype=torch.bool)
-    if int(m.sum()) < k:
-        raise InputError("autoencoder3d", f"parcels: {k} latent dimensions need at least {k} brain voxels, the mask has {int(m.sum())}")
+    _enough_voxels(m, k)
     x = maps[:, m].double().numpy()
     connectivity = grid_to_graph(*m.shape, mask=m.numpy())
     labels = torch.full((m.numel(),), -1, dtype=torch.long)
