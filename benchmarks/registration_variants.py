@@ -13,7 +13,6 @@ Reads the phantom's BIDS folder and truth (a `dvc repro`'s phantom stage):
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -54,7 +53,6 @@ if __name__ == "__main__":
         subject = path.name.split("_")[0].removeprefix("sub-")
         true = np.asarray(truth[subject]["template_to_scanner"])
         for spec, p in variants.items():
-            t = time.perf_counter()
             out = preprocess_image(img, p)
             seconds = sum(v for k, v in out.seconds.items() if k.startswith("register"))
             error = mean_displacement(out.template_to_native, true, mask, affine)

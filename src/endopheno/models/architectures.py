@@ -593,8 +593,8 @@ class Autoencoder3d(_Model):
     starting bumps and random features. With `parcels: ward` the trainer restarts the parcels, before
     training, as a Ward parcellation of the training subjects' input maps (`ward_parcels`,
     `ParcelRead.start_as`): parcels of voxels that vary together, as a small region's voxels do, instead
-    of bumps placed by geometry alone (on the phantom, trained for 8 epochs, 3 planted loci where the bumps
-    find 2; the untrained copy keeps the bumps). BENCHMARKS.md, "A parcel bottleneck", "Parcels that start as a Ward parcellation".
+    of bumps placed by geometry alone (on the phantom: 3 planted loci trained for 8 epochs; 2, at weaker p,
+    from the bumps trained for 20; the untrained copy keeps the bumps). BENCHMARKS.md, "A parcel bottleneck", "Parcels that start as a Ward parcellation".
 
     The loss (MSE inside the brain mask) is computed by the trainer.
 
