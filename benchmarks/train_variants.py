@@ -33,7 +33,7 @@ def trainer(model: str, res: float, overrides: list[str]) -> Trainer:
         group, _, sub = key.partition(".")
         if group in ("options", "augment") and sub:
             spec[group] = {**(spec.get(group) or {}), sub: value}
-        elif key in ("in_memory", "loader_workers", "threads"):
+        elif key in ("in_memory", "loader_workers", "threads", "seed"):
             params[key] = value
         else:
             spec[key] = value
