@@ -95,7 +95,7 @@ def main() -> None:
                             seed=tr.p.seed)[0]
         seed = tr.p.seed * 1000 + 999   # the final model's seed in Trainer.final
         t0 = time.time()
-        net, norm, scale, result, _ = tr.train_split(split, seed, None, None, variant or "params.yaml")
+        net, norm, scale, result, _ = tr.train_split(split, seed, None, variant or "params.yaml")
         minutes = (time.time() - t0) / 60
         nets = [("trained", net, f"val {result.best_loss:.3f}, epoch {result.best_epoch}, {minutes:.1f} min")]
         if a.untrained:

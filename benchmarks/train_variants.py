@@ -60,7 +60,7 @@ if __name__ == "__main__":
             line = {"res_mm": res, "grid": tr.shape, "fold": fold}
             if not a.svm_only:
                 t0 = time.time()
-                net, norm, scale, result, info = tr.train_split(s, p.seed * 1000 + fold, None, None, f"fold {fold}")
+                net, norm, scale, result, info = tr.train_split(s, p.seed * 1000 + fold, None, f"fold {fold}")
                 test = tr.loader(s.test, norm, scale, shuffle=False, seed=0)
                 line.update(**{k: round(v, 3) for k, v in tr.test_scores(net, test, scale, tr.data.target[s.test]).items()},
                             best_epoch=result.best_epoch, restarts=info["restarts"], minutes=round((time.time() - t0) / 60, 2),

@@ -59,7 +59,7 @@ def project(tmp_path_factory) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     train = params["train"]
     train.update(store="volumes.zarr", participants="participants.tsv", checkpoints="models", folds=2,
-                 resolution_mm=None, loader_workers=0, threads=1, tracking_uri=f"sqlite:///{root}/mlflow.db")
+                 resolution_mm=None, loader_workers=0, threads=1, workers=1, tracking_uri=f"sqlite:///{root}/mlflow.db")
     small = {"epochs": 12, "patience": 6, "batch_size": 8, "learning_rate": 5e-3}  # peak of the one-cycle schedule
     train["models"] = {
         "cnn3d": {"architecture": "cnn3d", "options": {"widths": [4, 8], "kernels": [3, 3], "hidden": 8}, **small},
@@ -172,12 +172,45 @@ def test_training_from_memory_is_training_from_zarr(project):
         p = load_train_params(params)
         trainer = Trainer(p, model_spec(p, "cnn3d"))
         split = outer_folds(trainer.data.groups, trainer.data.strata, folds=2, seed=p.seed)[0]
-        net, _, _, result, _ = trainer.train_split(split, 7, None, None, f"in_memory {in_memory}")
+        net, _, _, result, _ = trainer.train_split(split, 7, None, f"in_memory {in_memory}")
         nets.append((net, [h["train_loss"] for h in result.history]))
     (memory, losses), (streamed, streamed_losses) = nets
     assert len(losses) >= 3 and losses == streamed_losses
     for a, b in zip(memory.state_dict().values(), streamed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_trainings_side_by_side_learn_what_they_learn_one_after_another(project, tmp_path):
+    """Folds and the final model trained in worker processes (`workers`) give the networks and scores
+    that training them in this process, one after another, gives."""
+    from endopheno.models.splits import outer_folds
+    from endopheno.models.train import Trainer, load_train_params, model_spec
+    from endopheno.params import load_params
+
+    runs = []
+    for workers in (1, 2):
+        params = load_params("train", project / "params.yaml")
+        params.update(store=str(project / "volumes.zarr"), participants=str(project / "participants.tsv"),
+                      checkpoints=str(tmp_path / f"models{workers}"), workers=workers, threads=1, tracking_uri=None)
+        p = load_train_params(params)
+        trainer = Trainer(p, model_spec(p, "cnn3d"))
+        jobs = [("fold", s) for s in outer_folds(trainer.data.groups, trainer.data.strata, folds=2, seed=p.seed)]
+        jobs.append(("final", trainer.final_split()))
+        runs.append({(kind, split.fold): result for (kind, split), result in trainer.trainings(jobs)})
+    one_by_one, side_by_side = runs
+
+    def untimed(records):  # throughput differs from run to run, the rest must not
+        return [{k: v for k, v in r.items() if not k.endswith("volumes_per_s")} for r in records]
+
+    assert set(one_by_one) == set(side_by_side) == {("fold", 0), ("fold", 1), ("final", 0)}
+    for fold in (0, 1):
+        a, b = one_by_one[("fold", fold)], side_by_side[("fold", fold)]
+        assert len(a["history"]) >= 3 and untimed(a["history"]) == untimed(b["history"])
+        assert untimed([a["metrics"]]) == untimed([b["metrics"]])
+        assert a["baseline"] == b["baseline"]
+    final_a, final_b = one_by_one[("final", 0)][0], side_by_side[("final", 0)][0]
+    for x, y in zip(final_a.state_dict().values(), final_b.state_dict().values()):
+        assert torch.equal(x, y)
 
 
 def test_mixup_blends_each_subject_with_the_partner_whose_label_it_returns():
@@ -346,12 +379,12 @@ def test_normalisation_fitted_beyond_the_training_subjects_fails_the_run(project
     p = load_train_params(section)
     trainer = Trainer(p, model_spec(p, "cnn3d"))
     split = outer_folds(trainer.data.groups, trainer.data.strata, folds=2, seed=1)[0]
-    *_, result, _ = trainer.train_split(split, 1, None, None, "honest")
+    *_, result, _ = trainer.train_split(split, 1, None, "honest")
     assert result.epochs == 1
     # The classic leak: statistics of every subject, test fold included (Wen et al. 2020).
     monkeypatch.setattr(Trainer, "normalisation", lambda self, rows: fit_normalisation(self.volumes, self.mask))
     with pytest.raises(LeakageError, match="not those of the fold's"):
-        trainer.train_split(split, 1, None, None, "leaky")
+        trainer.train_split(split, 1, None, "leaky")
 
 
 def test_checkpoints_of_other_code_or_other_participants_are_not_resumed(project, monkeypatch, tmp_path):
@@ -391,7 +424,7 @@ def test_a_network_that_never_beats_chance_is_retried_and_a_learning_one_is_not(
         trainer = Trainer(p, model_spec(p, name))
         split = outer_folds(trainer.data.groups, trainer.data.strata, folds=2, seed=1)[0]
         caplog.clear()
-        *_, result, info = trainer.train_split(split, 1, None, None, name)
+        *_, result, info = trainer.train_split(split, 1, None, name)
         runs[name] = (info["restarts"], result.best_loss, trainer.chance_loss(split.train), caplog.text)
     restarts, loss, chance, text = runs["stuck"]
     # (what the retry reaches on a validation split this small is luck: only that it was made is tested)

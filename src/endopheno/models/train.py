@@ -9,6 +9,11 @@ autoencoder with its random initial weights for reconstruction). The final model
 every subject (validation split kept for early stopping), logged with its signature and registered;
 the version with the best cross-validated metric holds the alias ``champion``.
 
+On a CPU the trainings of a run (the folds and the final model) run side by side in worker processes,
+each with a share of the cores (``workers``, ``threads``): a small 3D CNN gains little from a second
+torch thread (cnn3d on 2 cores: 1.47x the throughput of one thread, where two trainings side by side
+give 2x), and the trainings are independent. Their per-epoch metrics reach MLflow when each finishes.
+
 A run checkpoints every epoch under ``<checkpoints>/<name>/<key>/`` (``key`` = digest of the
 parameters, the volume store, the subjects' targets and the models package's code); rerunning the same
 command resumes it, in the same MLflow run. A finished fold keeps only its results (``fold<k>.json``).
@@ -94,7 +99,9 @@ class TrainParams:
     resolution_mm: float | None = 4.0   # the models' grid; null = the store's
     in_memory: bool = True              # train from the pooled maps the trainer reads once anyway; false: stream from Zarr
     loader_workers: int = 1             # DataLoader worker processes (prefetching reads and augmentation) when streaming
-    threads: int | None = None          # torch threads (null: one per core)
+    threads: int | None = None          # torch threads of each training (null: the cores shared among the workers)
+    workers: int | None = None          # CPU: trainings (folds, final model) side by side (null: one per core, at most one
+                                        # per training; 1: one after another). On CUDA they always run one after another
     classes: tuple[str, str] = ("CN", "AD")   # classification: negative, positive
     svm_c: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)   # baseline SVM: C chosen on the validation split
     final_model: bool = True            # train and register a model on all subjects after the folds
@@ -449,7 +456,7 @@ class Trainer:
 
     # one fold -----------------------------------------------------------------------------------------
 
-    def train_split(self, split: Split, seed: int, on_epoch, checkpoint: Path | None, label: str):
+    def train_split(self, split: Split, seed: int, checkpoint: Path | None, label: str):
         """Train on `split` (train + validation). Returns (net, normalisation, target scale, FitResult, info)."""
         check_split(split, self.data.groups)
         norm = self.normalisation(split.train)
@@ -464,13 +471,13 @@ class Trainer:
         for attempt in range(self.spec.restarts + 1):
             info = {}
             if self.spec.architecture == "patch27":
-                net, info = self.select_patches(train, validation, split, seed, on_epoch, checkpoint, label)
+                net, info = self.select_patches(train, validation, split, seed, checkpoint, label)
             else:
                 net = self.net(seed)
                 if self.spec.parcels == "ward" and self.spec.options.get("bottleneck") == "parcels":
                     self.start_parcels(net, split.train, norm)
             result = fit(net, train, validation, task=self.spec.task, spec=self.spec, epochs=self.spec.epochs, device=self.device,
-                         amp=self.amp, mask=self.mask, checkpoint=checkpoint, label=label, on_epoch=on_epoch)
+                         amp=self.amp, mask=self.mask, checkpoint=checkpoint, label=label)
             chance = self.chance_loss(split.train)
             if result.best_loss < 0.98 * chance or attempt >= self.spec.restarts:
                 break
@@ -498,7 +505,7 @@ class Trainer:
         maps = ((self.volumes[rows] - norm[0]) / norm[1] * self.mask).flatten(0, 1)   # each map of each subject a sample
         net.encoder[-1].start_as(ward_parcels(maps, self.mask, net.embedding_dim))
 
-    def select_patches(self, train, validation, split: Split, seed: int, on_epoch, checkpoint, label):
+    def select_patches(self, train, validation, split: Split, seed: int, checkpoint, label):
         """patch27: the 27 single-patch networks train side by side (one pass over the data per epoch),
         are ranked by ROC AUC on the validation subjects, and the top k become the branches of the final
         network. The test subjects are never seen here."""
@@ -538,10 +545,16 @@ class Trainer:
                         run_id=run_file.read_text().strip() if run_file.exists() else None) as run:
             run_file.write_text(run.info.run_id)
             self.log_inputs(splits)
-            folds, baseline = [], []
-            for split in splits:
-                metrics, base = self.fold(split)
-                folds.append(metrics), baseline.append(base)
+            saved = {s.fold: self.fold_saved(s) for s in splits}
+            jobs = [("fold", s) for s in splits if saved[s.fold] is None] + ([("final", self.final_split())] if p.final_model else [])
+            final = None
+            for (kind, split), result in self.trainings(jobs):
+                if kind == "final":
+                    final = result
+                else:
+                    saved[split.fold] = self.record_fold(split, result)
+            folds, baseline = [saved[s.fold][0] for s in splits], [saved[s.fold][1] for s in splits]
+            for split, metrics, base in zip(splits, folds, baseline):
                 mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=split.fold)
                 mlflow.log_metrics({f"baseline_{k}": v for k, v in base.items()}, step=split.fold)
             summary = summarise(folds, baseline)
@@ -549,24 +562,44 @@ class Trainer:
             mlflow.log_metrics(summary)
             mlflow.log_dict({"folds": folds, "baseline": baseline, "excluded": data.excluded}, "cv_results.json")
             report = TrainReport(spec.name, spec.task, folds, baseline, summary, run.info.run_id, excluded=data.excluded)
-            if p.final_model:
-                self.final(report)
+            if final is not None:
+                self.register_final(report, final)
         return report
 
-    def fold(self, split: Split) -> tuple[dict, dict]:
-        import mlflow
+    # the trainings of a run -----------------------------------------------------------------------------
 
+    def trainings(self, jobs: list[tuple[str, Split]]):
+        """Yield ``((kind, split), result)`` of every job (``fold_result`` or ``final_result``) as it
+        finishes: side by side in `workers` processes on a CPU (module docstring), else one after another
+        in this process. A failed training stops the run."""
+        from endopheno.parallel import default_workers, map_items
+
+        cores = default_workers()
+        workers = 1 if self.device.type != "cpu" else min(self.p.workers or cores, len(jobs)) or 1
+        threads = self.p.threads or max(1, cores // workers)
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        if self.spec.options.get("bottleneck") == "parcels":
+            self.net(self.p.seed)  # the parcels' k-means start, once, before the trainer is copied to the workers
+        label = f"{self.spec.name}: {len(jobs)} training(s), {workers} side by side, {threads} thread(s) each"
+        for job, result in map_items(_training, jobs, workers=workers, label=label, shared={"trainer": self, "threads": threads}):
+            if isinstance(result, Exception):
+                raise result
+            yield job, result
+
+    def fold_saved(self, split: Split) -> tuple[dict, dict] | None:
+        """(metrics, baseline) of a fold finished by an earlier run of the same key, or None."""
         done = self.checkpoints / f"fold{split.fold}.json"
-        if done.exists():
-            log.info("%s fold %d: done in an earlier run, skipped", self.spec.name, split.fold)
-            saved = json.loads(done.read_text())
-            return saved["metrics"], saved["baseline"]
+        if not done.exists():
+            return None
+        log.info("%s fold %d: done in an earlier run, skipped", self.spec.name, split.fold)
+        saved = json.loads(done.read_text())
+        return saved["metrics"], saved["baseline"]
+
+    def fold_result(self, split: Split) -> dict:
+        """Train on one outer fold and score its test subjects, beside the baseline fitted on the same
+        training subjects: {metrics, baseline, history}."""
         seed = self.p.seed * 1000 + split.fold
-
-        def on_epoch(record):
-            mlflow.log_metrics({f"fold{split.fold}_{k}": v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
-
-        net, norm, scale, result, info = self.train_split(split, seed, on_epoch, self.checkpoints / f"fold{split.fold}.pt",
+        net, norm, scale, result, info = self.train_split(split, seed, self.checkpoints / f"fold{split.fold}.pt",
                                                             f"{self.spec.name} fold {split.fold}")
         test = self.loader(split.test, norm, scale, shuffle=False, seed=seed)
         truth = self.data.target[split.test]
@@ -578,10 +611,19 @@ class Trainer:
         else:
             voxels = self.volumes[:, 0][:, self.mask].numpy()
             base = linear_baseline(self.spec.task, voxels, self.data.target, split, self.p.svm_c)
+        return {"metrics": metrics, "baseline": base, "history": result.history}
+
+    def record_fold(self, split: Split, result: dict) -> tuple[dict, dict]:
+        """Log a finished fold (its epochs to MLflow, its line) and write its results: it is never retrained."""
+        import mlflow
+
+        metrics, base = result["metrics"], result["baseline"]
+        for record in result["history"]:
+            mlflow.log_metrics({f"fold{split.fold}_{k}": v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
         log.info("%s fold %d: %s (baseline %s)", self.spec.name, split.fold,
                  ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)),
                  ", ".join(f"{k} {v:.3f}" for k, v in base.items()))
-        done.write_text(json.dumps({"metrics": metrics, "baseline": base}))
+        (self.checkpoints / f"fold{split.fold}.json").write_text(json.dumps({"metrics": metrics, "baseline": base}))
         # Once its results are written a fold is never resumed: its weights would only fill the disk.
         for state in self.checkpoints.glob(f"fold{split.fold}*.pt"):
             state.unlink()
@@ -605,21 +647,31 @@ class Trainer:
             n += len(x)
         return n / (time.perf_counter() - t0)
 
+    def final_split(self) -> Split:
+        return outer_folds(self.data.groups, self.data.strata, folds=1, validation_fraction=self.p.validation_fraction,
+                           seed=self.p.seed)[0]
+
+    def final_result(self, split: Split) -> tuple:
+        """Train on every subject of `split` (train + validation): (net, normalisation, target scale,
+        FitResult, info, the untrained network of the same seed)."""
+        seed = self.p.seed * 1000 + 999
+        net, norm, scale, result, info = self.train_split(split, seed, self.checkpoints / "final.pt",
+                                                            f"{self.spec.name} final")
+        return net, norm, scale, result, info, self.net(seed)
+
     def final(self, report: TrainReport) -> None:
-        """Train on every subject, log the model with its signature, register it and decide the alias."""
+        """Train the final model in this process and register it (`register_final`)."""
+        self.register_final(report, self.final_result(self.final_split()))
+
+    def register_final(self, report: TrainReport, final: tuple) -> None:
+        """Log the final model's epochs and its model with its signature, register it and decide the alias."""
         import mlflow
 
-        split = outer_folds(self.data.groups, self.data.strata, folds=1, validation_fraction=self.p.validation_fraction,
-                            seed=self.p.seed)[0]
-        seed = self.p.seed * 1000 + 999
-
-        def on_epoch(record):
+        net, norm, scale, result, info, untrained = final
+        split = self.final_split()
+        for record in result.history:
             mlflow.log_metrics({f"final_{k}": v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
-
-        net, norm, scale, result, info = self.train_split(split, seed, on_epoch, self.checkpoints / "final.pt",
-                                                            f"{self.spec.name} final")
         mlflow.log_params({"final_best_epoch": result.best_epoch, **{f"final_{k}": v for k, v in info.items()}})
-        untrained = self.net(seed)
         if self.spec.basis:
             # The baseline gets the same treatment, so that comparing the two measures what training adds.
             self.independent_basis((net, untrained), split, norm)
@@ -696,6 +748,15 @@ class _SideBySide(torch.nn.Module):
 
     def forward(self, x):
         return torch.stack([n(x) for n in self.nets], dim=1)
+
+
+def _training(job: tuple[str, Split], *, trainer: Trainer, threads: int):
+    """One training of a run, in a worker process (or this one): ``kind`` "fold" or "final"."""
+    torch.set_num_threads(threads)
+    if trainer.p.deterministic:  # a worker process starts with torch's defaults
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    kind, split = job
+    return trainer.fold_result(split) if kind == "fold" else trainer.final_result(split)
 
 
 def code_digest() -> str:

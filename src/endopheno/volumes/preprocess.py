@@ -64,8 +64,8 @@ class PreprocessParams:
     n4_shrink: int = 4
     n4_iterations: tuple[int, ...] = (30, 20)
     registration_iterations: int = 100
-    pyramid: tuple[int, ...] = (4, 2, 1)  # shrink factors of the coarse-to-fine levels; (2, 1) left 2 of 400 misregistered
-    min_step_mm: float = 1e-3           # the optimiser stops when its step falls below this
+    pyramid: tuple[int, ...] = (4, 2)   # shrink factors of the rigid stage's coarse-to-fine levels; (2, 1) left 2 of 400 misregistered
+    min_step_mm: float = 0.01           # the optimiser stops when its step falls below this (0.001: same error, 1.3x the time)
     rigid_first: bool = True           # a rigid stage first: without it 4% of phantom subjects misregister
     sampling_fraction: float = 0.1
     sampling: str = "regular"          # "regular" (a jittered grid) or "random" voxel sampling for the metric
