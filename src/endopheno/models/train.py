@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -546,7 +547,8 @@ class Trainer:
             run_file.write_text(run.info.run_id)
             self.log_inputs(splits)
             saved = {s.fold: self.fold_saved(s) for s in splits}
-            jobs = [("fold", s) for s in splits if saved[s.fold] is None] + ([("final", self.final_split())] if p.final_model else [])
+            # the final model first: the longest training, so that the folds fill the other workers meanwhile
+            jobs = ([("final", self.final_split())] if p.final_model else []) + [("fold", s) for s in splits if saved[s.fold] is None]
             final = None
             for (kind, split), result in self.trainings(jobs):
                 if kind == "final":
@@ -584,7 +586,7 @@ class Trainer:
         for job, result in map_items(_training, jobs, workers=workers, label=label, shared={"trainer": self, "threads": threads}):
             if isinstance(result, Exception):
                 raise result
-            yield job, result
+            yield job, pickle.loads(result)
 
     def fold_saved(self, split: Split) -> tuple[dict, dict] | None:
         """(metrics, baseline) of a fold finished by an earlier run of the same key, or None."""
@@ -756,7 +758,10 @@ def _training(job: tuple[str, Split], *, trainer: Trainer, threads: int):
     if trainer.p.deterministic:  # a worker process starts with torch's defaults
         torch.use_deterministic_algorithms(True, warn_only=True)
     kind, split = job
-    return trainer.fold_result(split) if kind == "fold" else trainer.final_result(split)
+    result = trainer.fold_result(split) if kind == "fold" else trainer.final_result(split)
+    # Pickled here: dask's own serialisation of an nn.Module rebuilds its hook registries (OrderedDicts) as
+    # plain dicts, and registering a hook on the returned network (captum's LRP does) then fails.
+    return pickle.dumps(result)
 
 
 def code_digest() -> str:
