@@ -552,7 +552,7 @@ class Trainer:
             final = None
             for (kind, split), result in self.trainings(jobs):
                 if kind == "final":
-                    final = result
+                    final = split, result
                 else:
                     saved[split.fold] = self.record_fold(split, result)
             folds, baseline = [saved[s.fold][0] for s in splits], [saved[s.fold][1] for s in splits]
@@ -565,7 +565,7 @@ class Trainer:
             mlflow.log_dict({"folds": folds, "baseline": baseline, "excluded": data.excluded}, "cv_results.json")
             report = TrainReport(spec.name, spec.task, folds, baseline, summary, run.info.run_id, excluded=data.excluded)
             if final is not None:
-                self.register_final(report, final)
+                self.register_final(report, *final)
         return report
 
     # the trainings of a run -----------------------------------------------------------------------------
@@ -663,14 +663,14 @@ class Trainer:
 
     def final(self, report: TrainReport) -> None:
         """Train the final model in this process and register it (`register_final`)."""
-        self.register_final(report, self.final_result(self.final_split()))
+        split = self.final_split()
+        self.register_final(report, split, self.final_result(split))
 
-    def register_final(self, report: TrainReport, final: tuple) -> None:
+    def register_final(self, report: TrainReport, split: Split, final: tuple) -> None:
         """Log the final model's epochs and its model with its signature, register it and decide the alias."""
         import mlflow
 
         net, norm, scale, result, info, untrained = final
-        split = self.final_split()
         for record in result.history:
             mlflow.log_metrics({f"final_{k}": v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
         mlflow.log_params({"final_best_epoch": result.best_epoch, **{f"final_{k}": v for k, v in info.items()}})
