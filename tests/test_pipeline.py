@@ -127,3 +127,26 @@ def test_dvc_repro_on_a_fresh_clone(tmp_path):
     assert experiment["gwas.transform"] == "inverse_normal" and rows["main"]["gwas.transform"] == "none"
     for row in (experiment, rows["main"]):
         assert row["atlas_regions.found"] not in ("", "!") and row["balanced_accuracy_mean"] not in ("", "!"), row
+
+
+def test_a_pipeline_run_from_a_clean_commit_is_not_called_dirty(tmp_path):
+    """`dvc repro` rewrites dvc.lock after each stage: that alone must not mark the code as changed,
+    while an edited tracked file, anywhere in the tree, must."""
+    from endopheno.tracking import git_revision
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "sub").mkdir()
+    for name in ("dvc.lock", "params.yaml", "sub/dvc.lock"):
+        (tmp_path / name).write_text("a\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    clean = git_revision(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{40}", clean)
+    (tmp_path / "dvc.lock").write_text("b\n")
+    (tmp_path / "sub" / "dvc.lock").write_text("b\n")
+    assert git_revision(tmp_path) == clean and git_revision(tmp_path / "sub") == clean
+    (tmp_path / "params.yaml").write_text("b\n")
+    assert git_revision(tmp_path) == clean + "-dirty" and git_revision(tmp_path / "sub") == clean + "-dirty"

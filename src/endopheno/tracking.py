@@ -46,11 +46,14 @@ def local_artifacts(uri: str) -> Path:
 
 
 def git_revision(cwd: str | Path = ".") -> str:
-    """The commit checked out, with ``-dirty`` when tracked files differ from it; "unknown" outside git."""
+    """The commit checked out, with ``-dirty`` when tracked files differ from it; "unknown" outside git.
+
+    A ``dvc.lock`` is not counted: `dvc repro` rewrites it after every stage, so every stage after the
+    first of a run from a clean commit would otherwise call that commit's code dirty."""
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude,glob)**/dvc.lock"],
+                               cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
         return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

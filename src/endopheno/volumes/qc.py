@@ -54,7 +54,8 @@ def montage(ds: xr.Dataset, out: str | Path, modality: str = "T1w", n: int = 12)
     mask = ds["brain_mask"].values.astype(float)
     mid = [s // 2 for s in mask.shape]
     cuts = [("axial", lambda v: v[:, :, mid[2]]), ("coronal", lambda v: v[:, mid[1], :]), ("sagittal", lambda v: v[mid[0], :, :])]
-    fig, axes = plt.subplots(len(picks), 3, figsize=(6.0, 2.0 * len(picks)), squeeze=False)
+    # constrained layout leaves room for the suptitle, which tight_layout drew over the column titles
+    fig, axes = plt.subplots(len(picks), 3, figsize=(6.0, 2.0 * len(picks)), squeeze=False, layout="constrained")
     for row, i in enumerate(picks):
         vol = ds[modality].isel(subject=int(i)).values
         for col, (name, cut) in enumerate(cuts):
@@ -68,7 +69,6 @@ def montage(ds: xr.Dataset, out: str | Path, modality: str = "T1w", n: int = 12)
             if row == 0:
                 ax.set_title(name, fontsize=8)
     fig.suptitle(f"{modality} in MNI space, template brain outline in red", fontsize=9)
-    fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
