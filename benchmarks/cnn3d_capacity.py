@@ -11,7 +11,11 @@ Each argument is one variant (JSON): ``options`` (architecture options over para
 regression on the voxels through the same loop); ``voxelwise`` (z-score each voxel with the training
 subjects' mean and SD instead of one mean and SD per map); ``coords`` (three coordinate channels, a
 location prior); ``seeds: k`` (average the probabilities of k networks: is the gap variance?); ``last``
-(keep the last epoch instead of the best validation loss; set ``patience`` high); ``refit`` (then train
+(keep the last epoch instead of the best validation loss; set ``patience`` high); ``flip: p`` (each training
+subject mirrored left-right with probability p: the phantom's AD atrophy is bilateral); ``tta`` (the test
+subjects' probabilities averaged with their mirror images'); ``sym`` (the maps symmetrised: each voxel
+the mean of itself and its mirror voxel). Mirroring reverses array axis 0, i.e. reflects about the pooled
+grid's centre, which at 6 mm lies 2 mm right of the midline (BENCHMARKS.md); ``refit`` (then train
 again from the same initial weights on training + validation for the chosen number of epochs, as the SVM
 baseline refits with its chosen C). Prints one line per
 variant: balanced accuracy and AUC, mean ± SD over the folds.
@@ -32,6 +36,20 @@ from endopheno.models.data import fit_normalisation
 from endopheno.models.splits import outer_folds
 from endopheno.models.train import Trainer, fit, load_train_params, model_spec, outputs, scores
 from endopheno.params import load_params
+
+
+class Mirrored(torch.utils.data.Dataset):
+    """Each training subject mirrored left-right (array axis 0 of the RAS grid) with probability `prob`."""
+
+    def __init__(self, data, prob: float, seed: int):
+        self.data, self.prob, self.rng = data, prob, np.random.default_rng(seed)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, label = self.data[i]
+        return (x.flip(1) if self.rng.random() < self.prob else x), label
 
 
 def run(cfg: dict) -> str:
@@ -56,12 +74,16 @@ def run(cfg: dict) -> str:
         else:
             mean, sd = fit_normalisation(volumes[s.train], mask)
         z = (volumes - mean) / sd * mask
+        if cfg.get("sym"):  # each voxel the mean of itself and its mirror voxel: the bilateral part of the map
+            z = (z + z.flip(2)) / 2
         if cfg.get("coords"):
             grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, n) for n in z.shape[2:]], indexing="ij"))
             z = torch.cat([z, grid.expand(len(z), -1, -1, -1, -1)], 1)
 
-        def loader(rows, shuffle):
-            data = torch.utils.data.TensorDataset(z[rows], torch.tensor(y[rows], dtype=torch.float32))
+        def loader(rows, shuffle, flipped=False):
+            data = torch.utils.data.TensorDataset(z[rows].flip(2) if flipped else z[rows], torch.tensor(y[rows], dtype=torch.float32))
+            if shuffle and cfg.get("flip"):
+                data = Mirrored(data, cfg["flip"], s.fold)
             return torch.utils.data.DataLoader(data, batch_size=spec.batch_size, shuffle=shuffle,
                                                generator=torch.Generator().manual_seed(s.fold))
 
@@ -92,6 +114,8 @@ def run(cfg: dict) -> str:
                     on_epoch=lambda _: last.update(state=copy.deepcopy(net.state_dict())))
                 net.load_state_dict(last["state"])
             probabilities.append(outputs(net, loader(s.test, False), task="classification", device=cpu, mask=mask))
+            if cfg.get("tta"):  # test-time mirroring: the mean of the subject's and its mirror image's probabilities
+                probabilities.append(outputs(net, loader(s.test, False, flipped=True), task="classification", device=cpu, mask=mask))
         score = scores("classification", np.mean(probabilities, 0), y[s.test])
         ba.append(score["balanced_accuracy"]), auc.append(score["auc"])
     return (f"{json.dumps(cfg)}: BA {np.mean(ba):.3f} ± {np.std(ba, ddof=1):.3f}, AUC {np.mean(auc):.3f} ± "
