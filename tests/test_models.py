@@ -642,3 +642,47 @@ def test_a_parcel_autoencoder_trains_registers_and_starts_its_parcels_inside_the
     ward = load_model("endopheno.ae_ward", "1")
     assert (half_max_share(ward) > 0.95).all()   # started as Ward parcels of the training maps
     assert (half_max_share(load_model("endopheno.ae_ward_untrained", "1")) < 0.6).all()   # its untrained copy keeps the bumps
+
+
+def test_bilateral_maps_mirror_about_the_midline_not_the_grid_centre():
+    from endopheno.errors import InputError
+    from endopheno.models.data import bilateral, midline_of
+
+    # A 6 mm grid pooled from a 2 mm one runs from x = -76 to +80 mm: its centre is not the midline.
+    affine = np.diag([6.0, 6.0, 6.0, 1.0])
+    affine[:3, 3] = [-76.0, -100.0, -50.0]
+    x_mm = affine[0, 0] * np.arange(27) + affine[0, 3]
+    midline = midline_of(affine)
+    assert np.isclose(affine[0, 0] * midline + affine[0, 3], 0.0)
+    # |x| is its own mirror image about x = 0 wherever the grid's voxels fall (away from the kink at 0,
+    # which linear interpolation rounds; a flip of the array reflects about x = +2 mm and misses by 4)
+    even = torch.from_numpy(np.broadcast_to(np.abs(x_mm)[:, None, None], (27, 4, 3)).astype(np.float32)).clone()
+    inside = torch.from_numpy(np.abs(x_mm) <= 74)   # the mirror point lies on the grid (x >= -76)
+    away = inside & torch.from_numpy(np.abs(x_mm) >= 6)
+    assert torch.allclose(bilateral(even[None, None], midline)[0, 0][away], even[away], atol=1e-4)
+    assert (((even + even.flip(0)) / 2 - even)[away].abs() > 1).all()
+    # an odd map (x itself) has no bilateral part
+    odd = torch.from_numpy(np.broadcast_to(x_mm[:, None, None], (27, 4, 3)).astype(np.float32)).clone()
+    assert bilateral(odd, midline)[inside].abs().max() < 1e-4
+    with pytest.raises(InputError, match="left-right"):
+        midline_of(np.array([[0, 2, 0, 0], [2, 0, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1.0]]))
+
+
+def test_a_bilateral_model_reads_a_subject_and_its_mirror_image_alike(project):
+    from endopheno.models.architectures import build
+    from endopheno.models.data import VolumeDataset, bilateral
+    from endopheno.models.train import Trainer, load_train_params, model_spec
+
+    section = yaml.safe_load((project / "params.yaml").read_text())["train"]
+    section.update(store=str(project / "volumes.zarr"), participants=str(project / "participants.tsv"), tracking_uri=None)
+    section["models"]["cnn3d"]["bilateral"] = True
+    p = load_train_params(section)
+    tr = Trainer(p, model_spec(p, "cnn3d"))
+    model = tr.volume_model(build("cnn3d", tr.shape, 1, 2, widths=(4, 8), kernels=(3, 3), hidden=8).eval(),
+                            tr.normalisation(np.arange(len(tr.volumes))), (0.0, 1.0))
+    x = torch.stack([VolumeDataset(p.store, tr.data.rows[:2], tr.data.target[:2], factor=tr.factor).volume(i) for i in range(2)])
+    mirrored = 2 * bilateral(x, tr.midline) - x      # the mirror image itself
+    assert not torch.allclose(x * tr.mask, mirrored * tr.mask, atol=1e-2)   # the subjects are not symmetric
+    assert torch.allclose(model.predict(x, "probability"), model.predict(mirrored, "probability"), atol=1e-5)
+    # the trainer's own maps (what the folds and the SVM baseline read) are the bilateral ones
+    assert torch.allclose(tr.volumes[:2], bilateral(x, tr.midline) * tr.mask, atol=1e-6)

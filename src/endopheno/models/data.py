@@ -185,6 +185,35 @@ def highpass(x: torch.Tensor, mask: torch.Tensor, sigma_voxels: float) -> torch.
     return ((x - smooth(x * m) / smooth(m).clamp_min(1e-6)) * m).reshape(shape)
 
 
+def midline_of(affine: np.ndarray) -> float:
+    """The voxel coordinate along array axis 0 of the plane x = 0 (the template's midline) of an
+    axis-aligned grid affine; what `bilateral` reflects about."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a[0, 0] == 0 or np.any(a[0, 1:3] != 0) or np.any(a[1:3, 0] != 0):
+        raise InputError("bilateral", "the grid's array axis 0 must be the x (left-right) axis of its affine")
+    return float(-a[0, 3] / a[0, 0])
+
+
+def bilateral(x: torch.Tensor, midline: float) -> torch.Tensor:
+    """[..., X, Y, Z] maps averaged with their left-right mirror image about voxel coordinate `midline` of
+    axis X (linear between voxels where the mirror point falls between two; 0 beyond the grid): the part of
+    each map the two hemispheres share. For a disease whose atrophy is bilateral (AD) this halves the
+    variance of whatever is independent between the hemispheres (on the phantom: cnn3d BA +0.04;
+    BENCHMARKS.md, "Mirror symmetry"); it removes exactly what a lateralised endophenotype measures, so it
+    is for classifiers, not for the autoencoder. Linear, so attribution through it reaches both sides."""
+    n = x.shape[-3]
+    position = 2 * midline - torch.arange(n, dtype=torch.float64)
+    low = torch.floor(position)
+    w = (position - low).to(x.dtype).view(-1, 1, 1)
+
+    def at(i: torch.Tensor) -> torch.Tensor:
+        inside = ((i >= 0) & (i < n)).to(x.dtype).view(-1, 1, 1)
+        return x.index_select(-3, i.clamp(0, n - 1)) * inside
+
+    low = low.long()
+    return (x + (1 - w) * at(low) + w * at(low + 1)) / 2
+
+
 def brain_mask(ds, factor: int) -> torch.Tensor:
     """The template brain mask at the model's resolution (a pooled voxel is brain when mostly brain)."""
     return pool(torch.as_tensor(np.asarray(ds.brain_mask.values), dtype=torch.float32), factor) > 0.5
@@ -205,17 +234,19 @@ class VolumeDataset(torch.utils.data.Dataset):
     Each item is read from its own Zarr chunk (one subject per chunk), so DataLoader workers read in
     parallel and prefetch ahead of the model; nothing is held in memory between items. ``normalise``
     (mean and SD, per channel or per voxel, fitted on training subjects only) and ``augment`` (a MONAI
-    transform) are applied in the worker; ``highpass_voxels`` (`highpass`) is part of the volume itself.
+    transform) are applied in the worker; ``highpass_voxels`` (`highpass`) and ``midline`` (`bilateral`) are
+    part of the volume itself.
     ``volumes`` ([N, C, X, Y, Z], what `volume` returns for `rows`, read before) serves the items from
     memory instead: for training, which passes over the same subjects every epoch.
     """
 
     def __init__(self, store: str | Path, rows: np.ndarray, targets: np.ndarray, *, inputs: tuple[str, ...] = ("T1w",),
                  factor: int = 1, mask: torch.Tensor | None = None, normalise: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 augment=None, highpass_voxels: float | None = None, volumes: torch.Tensor | None = None):
+                 augment=None, highpass_voxels: float | None = None, midline: float | None = None,
+                 volumes: torch.Tensor | None = None):
         self.store, self.rows, self.targets = str(store), np.asarray(rows), np.asarray(targets, dtype=np.float32)
         self.inputs, self.factor, self.mask = tuple(inputs), factor, mask
-        self.normalise, self.augment, self.highpass_voxels = normalise, augment, highpass_voxels
+        self.normalise, self.augment, self.highpass_voxels, self.midline = normalise, augment, highpass_voxels, midline
         if volumes is not None and len(volumes) != len(self.rows):
             raise ValueError(f"{len(volumes)} volumes for {len(self.rows)} rows")
         self.volumes = volumes
@@ -238,7 +269,8 @@ class VolumeDataset(torch.utils.data.Dataset):
             if source not in channels:
                 channels[source] = pool(torch.from_numpy(np.asarray(self._group[source][row], dtype=np.float32)), self.factor)
         out = torch.stack([grey_matter(channels["T1w"], self.mask) if name == "gm" else channels[name] for name in self.inputs])
-        return highpass(out, self.mask, self.highpass_voxels) if self.highpass_voxels else out
+        out = highpass(out, self.mask, self.highpass_voxels) if self.highpass_voxels else out
+        return bilateral(out, self.midline) * self.mask if self.midline is not None else out
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.volume(index)

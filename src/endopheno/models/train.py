@@ -42,7 +42,7 @@ from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, roc_au
 from endopheno.errors import InputError
 from endopheno.models.architectures import build, layout_of, parcel_centres_in, ward_parcels
 from endopheno.models.basis import fold_into, independent_components
-from endopheno.models.data import (TaskData, VolumeDataset, augmentation, brain_mask, fit_normalisation, pool_factor,
+from endopheno.models.data import (TaskData, VolumeDataset, augmentation, brain_mask, fit_normalisation, midline_of, pool_factor,
                                    task_data)
 from endopheno.models.splits import Split, check_normalisation, check_split, outer_folds
 from endopheno.models.volume_model import VolumeModel, model_grid_affine
@@ -78,6 +78,7 @@ class ModelSpec:
     top_k: int = 5                      # patch27: patches combined in the final network
     patch_epochs: int = 10              # patch27: epochs of the 27 single-patch networks
     basis: str | None = None            # reconstruction: `ica`, the final latent's axes as independent components (models/basis.py)
+    bilateral: bool = False             # each input map averaged with its left-right mirror image (data.bilateral): for bilateral atrophy
     highpass_mm: float | None = None    # input maps minus their Gaussian-smoothed copy (SD in mm; data.highpass); null = as read
     normalisation: str = "map"          # map: one mean and SD per input map | voxel: each voxel's own (training subjects)
     parcels: str = "bumps"              # parcels bottleneck's start: bumps (around k-means centres of the mask) | ward (of the training maps)
@@ -401,8 +402,9 @@ class Trainer:
         self.mask = brain_mask(ds, self.factor)
         self.parcel_centres: dict[int, list[list[float]]] = {}  # latent size -> start of the parcels bottleneck
         self.highpass_voxels = spec.highpass_mm / (store_mm * self.factor) if spec.highpass_mm else None
+        self.midline = midline_of(self.affine) if spec.bilateral else None
         reader = VolumeDataset(p.store, self.data.rows, self.data.target, inputs=spec.inputs, factor=self.factor, mask=self.mask,
-                               highpass_voxels=self.highpass_voxels)
+                               highpass_voxels=self.highpass_voxels, midline=self.midline)
         # Every subject's pooled maps, once: normalisation statistics, the voxel baselines and (with
         # `in_memory`) the training loaders read them from memory.
         self.volumes = torch.stack([reader.volume(i) for i in range(len(reader))])
@@ -430,7 +432,7 @@ class Trainer:
         augment = augmentation(self.spec.augment, seed) if shuffle else None
         dataset = VolumeDataset(self.p.store, self.data.rows[rows], target, inputs=self.spec.inputs, factor=self.factor,
                                 mask=self.mask, normalise=norm, augment=augment, highpass_voxels=self.highpass_voxels,
-                                volumes=self.volumes[rows] if self.p.in_memory else None)
+                                midline=self.midline, volumes=self.volumes[rows] if self.p.in_memory else None)
         # From memory an item costs a subtraction and a division: a worker process would only take CPU
         # from the network (on 2 cores cnn3d's folds train 1.8x faster without; BENCHMARKS.md).
         workers = 0 if self.p.in_memory else self.p.loader_workers
@@ -710,7 +712,7 @@ class Trainer:
                            inputs=self.spec.inputs, factor=self.factor, affine=self.affine, mean=norm[0], sd=norm[1],
                            mask=self.mask, target_mean=scale[0], target_sd=scale[1],
                            classes=self.p.classes if self.spec.task == "classification" else (),
-                           highpass_voxels=self.highpass_voxels)
+                           highpass_voxels=self.highpass_voxels, midline=self.midline)
 
     def log_inputs(self, splits: list[Split]) -> None:
         """Params, and the dataset read: the subjects with their target and test fold, whose digest is the
@@ -817,7 +819,7 @@ def register(model: VolumeModel, name: str, report: TrainReport, spec: ModelSpec
     tags = {"task": spec.task, "architecture": spec.architecture, "folds": str(p.folds), "metric": metric,
             "cv_value": "" if untrained else f"{report.summary[f'{metric}_mean']:.6f}", "untrained": str(untrained).lower(),
             "inputs": ",".join(spec.inputs), "resolution_mm": str(p.resolution_mm), "basis": str(spec.basis),
-            "highpass_mm": str(spec.highpass_mm), "normalisation": spec.normalisation, "parcels": spec.parcels,
+            "highpass_mm": str(spec.highpass_mm), "bilateral": str(spec.bilateral).lower(), "normalisation": spec.normalisation, "parcels": spec.parcels,
             "training_run": report.run_id}
     client = mlflow.MlflowClient()
     tags["volume_store_digest"] = client.get_run(report.run_id).data.tags.get("volume_store_digest", "")
@@ -828,7 +830,7 @@ def register(model: VolumeModel, name: str, report: TrainReport, spec: ModelSpec
 
 # Version tags two versions' metrics are compared on, with the value of versions registered before the tag.
 COMPARABLE_ON = {"inputs": None, "resolution_mm": None, "volume_store_digest": None, "basis": "None", "highpass_mm": "None",
-                 "normalisation": "map", "parcels": "bumps"}
+                 "bilateral": "false", "normalisation": "map", "parcels": "bumps"}
 
 
 def set_champion(name: str, version: str, metric: str | None, higher: bool) -> bool:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from endopheno.models.data import highpass
+from endopheno.models.data import bilateral, highpass
 
 OUTPUTS = ("embedding", "probability", "prediction")
 
@@ -22,13 +22,13 @@ class VolumeModel(nn.Module):
     def __init__(self, net: nn.Module, *, architecture: str, task: str, inputs: tuple[str, ...], factor: int,
                  affine: np.ndarray, mean: torch.Tensor, sd: torch.Tensor, mask: torch.Tensor,
                  target_mean: float = 0.0, target_sd: float = 1.0, classes: tuple[str, ...] = (),
-                 highpass_voxels: float | None = None):
+                 highpass_voxels: float | None = None, midline: float | None = None):
         super().__init__()
         self.net = net
         self.architecture, self.task, self.inputs, self.factor = architecture, task, tuple(inputs), int(factor)
         self.affine = np.asarray(affine, dtype=np.float64)
         self.target_mean, self.target_sd, self.classes = float(target_mean), float(target_sd), tuple(classes)
-        self.highpass_voxels = highpass_voxels
+        self.highpass_voxels, self.midline = highpass_voxels, midline
         # per channel ([C] or [C, 1, 1, 1]) or per voxel ([C, X, Y, Z]: data.fit_normalisation)
         self.register_buffer("mean", (mean if mean.dim() == 4 else mean.reshape(-1, 1, 1, 1)).float())
         self.register_buffer("sd", (sd if sd.dim() == 4 else sd.reshape(-1, 1, 1, 1)).float())
@@ -39,9 +39,11 @@ class VolumeModel(nn.Module):
         return int(self.net.embedding_dim)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """What the network reads: the (high-passed) maps standardised with the training statistics."""
+        """What the network reads: the (high-passed, bilateral) maps standardised with the training statistics."""
         if getattr(self, "highpass_voxels", None):   # getattr: versions registered before the knob
             x = highpass(x, self.mask > 0, self.highpass_voxels)
+        if getattr(self, "midline", None) is not None:
+            x = bilateral(x, self.midline) * self.mask
         return (x - self.mean) / self.sd * self.mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
