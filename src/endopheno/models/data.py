@@ -214,6 +214,16 @@ def bilateral(x: torch.Tensor, midline: float) -> torch.Tensor:
     return (x + (1 - w) * at(low) + w * at(low + 1)) / 2
 
 
+def filtered(x: torch.Tensor, mask: torch.Tensor, highpass_voxels: float | None = None,
+             midline: float | None = None) -> torch.Tensor:
+    """The maps as a model reads them before normalisation: high-passed (`highpass`), then bilateral
+    (`bilateral`), where the model's knobs ask for it. One function for the loader and the registered
+    model, so that extraction and attribution read what training read."""
+    if highpass_voxels:
+        x = highpass(x, mask, highpass_voxels)
+    return bilateral(x, midline) * mask if midline is not None else x
+
+
 def brain_mask(ds, factor: int) -> torch.Tensor:
     """The template brain mask at the model's resolution (a pooled voxel is brain when mostly brain)."""
     return pool(torch.as_tensor(np.asarray(ds.brain_mask.values), dtype=torch.float32), factor) > 0.5
@@ -269,8 +279,7 @@ class VolumeDataset(torch.utils.data.Dataset):
             if source not in channels:
                 channels[source] = pool(torch.from_numpy(np.asarray(self._group[source][row], dtype=np.float32)), self.factor)
         out = torch.stack([grey_matter(channels["T1w"], self.mask) if name == "gm" else channels[name] for name in self.inputs])
-        out = highpass(out, self.mask, self.highpass_voxels) if self.highpass_voxels else out
-        return bilateral(out, self.midline) * self.mask if self.midline is not None else out
+        return filtered(out, self.mask, self.highpass_voxels, self.midline)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.volume(index)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from endopheno.models.data import bilateral, highpass
+from endopheno.models.data import filtered
 
 OUTPUTS = ("embedding", "probability", "prediction")
 
@@ -40,10 +40,8 @@ class VolumeModel(nn.Module):
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """What the network reads: the (high-passed, bilateral) maps standardised with the training statistics."""
-        if getattr(self, "highpass_voxels", None):   # getattr: versions registered before the knob
-            x = highpass(x, self.mask > 0, self.highpass_voxels)
-        if getattr(self, "midline", None) is not None:
-            x = bilateral(x, self.midline) * self.mask
+        # getattr: versions registered before the knobs
+        x = filtered(x, self.mask > 0, getattr(self, "highpass_voxels", None), getattr(self, "midline", None))
         return (x - self.mean) / self.sd * self.mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
