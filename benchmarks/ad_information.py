@@ -57,6 +57,9 @@ def main() -> None:
     for kind, what in (("tbm_volume_mm3", "TBM volumes"), ("volume_mm3", "grey-matter volumes"), ("mean_t1", "mean T1")):
         columns = [c for c in atlas.columns if c.endswith("_" + kind) and (kind != "volume_mm3" or "_tbm_" not in c)]
         rows[f"atlas set: {what} ({len(columns)} regions incl. whole brain)"] = atlas[columns].to_numpy(float)
+        if kind == "tbm_volume_mm3":   # what an age-corrected map holds (train.models.NAME.covariates)
+            rows["the same + age"] = np.column_stack([atlas[columns].to_numpy(float), truth["age"]])
+    rows["age alone (does age itself tell AD from CN?)"] = truth[["age"]].to_numpy(float)
     print(f"{machine()}; n = {len(subjects)} ({ad.sum()} AD); logistic regression, {a.folds} folds\n")
     print("| features | balanced accuracy (mean ± SD over folds) |\n| --- | --- |")
     for name, x in rows.items():

@@ -17,7 +17,10 @@ subjects' probabilities averaged with their mirror images'); ``sym`` (the maps s
 the mean of itself and its mirror voxel). Mirroring reverses array axis 0, i.e. reflects about the pooled
 grid's centre, which at 6 mm lies 2 mm right of the midline (BENCHMARKS.md); ``refit`` (then train
 again from the same initial weights on training + validation for the chosen number of epochs, as the SVM
-baseline refits with its chosen C). Prints one line per
+baseline refits with its chosen C); ``covariates: [age, ...]`` (participants.tsv columns whose linear
+effect on each voxel, fitted in the training fold's controls, is removed from every subject's map first;
+default params.yaml's; not with ``smooth``);
+``svm`` (also score the pipeline's linear SVM baseline on exactly the maps the network reads). Prints one line per
 variant: balanced accuracy and AUC, mean ± SD over the folds.
 """
 
@@ -34,7 +37,7 @@ from _common import machine
 from endopheno.models.architectures import build
 from endopheno.models.data import fit_normalisation
 from endopheno.models.splits import outer_folds
-from endopheno.models.train import Trainer, fit, load_train_params, model_spec, outputs, scores
+from endopheno.models.train import Trainer, fit, linear_baseline, load_train_params, model_spec, outputs, scores
 from endopheno.params import load_params
 
 
@@ -58,7 +61,7 @@ def run(cfg: dict) -> str:
     spec = replace(spec, options={**spec.options, **cfg.get("options", {})}, epochs=cfg.get("epochs", spec.epochs),
                    patience=cfg.get("patience", spec.patience), learning_rate=cfg.get("lr", spec.learning_rate),
                    weight_decay=cfg.get("wd", spec.weight_decay), mixup=cfg.get("mixup", spec.mixup),
-                   batch_size=cfg.get("batch_size", spec.batch_size))
+                   batch_size=cfg.get("batch_size", spec.batch_size), covariates=tuple(cfg.get("covariates", spec.covariates)))
     tr = Trainer(p, spec)
     volumes, y, mask, cpu = tr.volumes, tr.data.target, tr.mask, torch.device("cpu")
     if cfg.get("smooth"):
@@ -67,8 +70,10 @@ def run(cfg: dict) -> str:
         sigma = (0, 0, *(cfg["smooth"],) * 3)
         volumes = torch.from_numpy(gaussian_filter(volumes.numpy(), sigma)) * mask
     splits = outer_folds(tr.data.groups, tr.data.strata, folds=p.folds, validation_fraction=p.validation_fraction, seed=p.seed)
-    ba, auc, t0 = [], [], time.time()
+    ba, auc, svm, t0 = [], [], [], time.time()
     for s in splits:
+        if spec.covariates:  # the trainer's own: effects fitted in the fold's training controls
+            volumes = tr.maps(np.arange(len(y)), tr.adjustment(s))
         if cfg.get("voxelwise"):
             mean, sd = volumes[s.train].mean(0), volumes[s.train].std(0).clamp_min(1e-3)
         else:
@@ -76,6 +81,8 @@ def run(cfg: dict) -> str:
         z = (volumes - mean) / sd * mask
         if cfg.get("sym"):  # each voxel the mean of itself and its mirror voxel: the bilateral part of the map
             z = (z + z.flip(2)) / 2
+        if cfg.get("svm"):  # the pipeline's baseline on exactly these maps
+            svm.append(linear_baseline("classification", z[:, 0][:, mask].numpy(), y, s, p.svm_c)["balanced_accuracy"])
         if cfg.get("coords"):
             grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, n) for n in z.shape[2:]], indexing="ij"))
             z = torch.cat([z, grid.expand(len(z), -1, -1, -1, -1)], 1)
@@ -119,7 +126,9 @@ def run(cfg: dict) -> str:
         score = scores("classification", np.mean(probabilities, 0), y[s.test])
         ba.append(score["balanced_accuracy"]), auc.append(score["auc"])
     return (f"{json.dumps(cfg)}: BA {np.mean(ba):.3f} ± {np.std(ba, ddof=1):.3f}, AUC {np.mean(auc):.3f} ± "
-            f"{np.std(auc, ddof=1):.3f} ({time.time() - t0:.0f} s)")
+            f"{np.std(auc, ddof=1):.3f}" + (f", SVM BA {np.mean(svm):.3f} ± {np.std(svm, ddof=1):.3f}" if svm else "") +
+            f" ({time.time() - t0:.0f} s)")
+
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ a planted group difference (real Zarr, real MLflow sqlite store, real Delta tabl
 
 from __future__ import annotations
 
+import re
 import shutil
 import sqlite3
 from pathlib import Path
@@ -383,7 +384,7 @@ def test_normalisation_fitted_beyond_the_training_subjects_fails_the_run(project
     *_, result, _ = trainer.train_split(split, 1, None, "honest")
     assert result.epochs == 1
     # The classic leak: statistics of every subject, test fold included (Wen et al. 2020).
-    monkeypatch.setattr(Trainer, "normalisation", lambda self, rows: fit_normalisation(self.volumes, self.mask))
+    monkeypatch.setattr(Trainer, "normalisation", lambda self, rows, effects=None: fit_normalisation(self.volumes, self.mask))
     with pytest.raises(LeakageError, match="not those of the fold's"):
         trainer.train_split(split, 1, None, "leaky")
 
@@ -686,3 +687,84 @@ def test_a_bilateral_model_reads_a_subject_and_its_mirror_image_alike(project):
     assert torch.allclose(model.predict(x, "probability"), model.predict(mirrored, "probability"), atol=1e-5)
     # the trainer's own maps (what the folds and the SVM baseline read) are the bilateral ones
     assert torch.allclose(tr.volumes[:2], bilateral(x, tr.midline) * tr.mask, atol=1e-6)
+
+
+def test_covariate_effects_come_from_the_reference_controls_and_leave_the_disease_in():
+    from endopheno.models.data import adjusted, covariate_effects
+
+    rng = np.random.default_rng(0)
+    n, shape = 200, (1, 3, 4, 5)
+    ad = np.arange(n) % 2
+    age = rng.normal(73, 7, n) + 5 * ad            # patients older, as in real cohorts
+    slope, atrophy = torch.randn(shape), torch.randn(shape)
+    maps = (torch.from_numpy(age - 73).float()[:, None, None, None, None] * slope + torch.from_numpy(ad).float()[:, None, None, None, None]
+            * atrophy + 0.1 * torch.randn(n, *shape))
+    controls = np.flatnonzero(ad == 0)
+    effects = covariate_effects(maps, age[:, None], controls)
+    assert effects.shape == (1, *shape) and torch.allclose(effects[0], slope, atol=0.01)
+    # fitted on everyone, the atrophy of the older patients is taken for age (Dukart et al. 2011)
+    assert not torch.allclose(covariate_effects(maps, age[:, None], np.arange(n))[0], slope, atol=0.05)
+    # what is not a reference subject does not move the fit
+    changed = maps.clone()
+    changed[ad == 1] += 100
+    assert torch.equal(covariate_effects(changed, age[:, None], controls), effects)
+    corrected = adjusted(maps, age[:, None], effects)
+    assert abs(np.corrcoef(age[controls], corrected[controls, 0, 1, 2, 3])[0, 1]) < 0.2
+    patients = corrected[ad == 1].mean(0) - corrected[ad == 0].mean(0)
+    assert torch.allclose(patients, atrophy, atol=0.1)   # the disease's effect is what is left
+
+
+def test_covariate_design_codes_text_as_levels_and_names_a_participant_without_a_value():
+    from endopheno.errors import InputError
+    from endopheno.models.data import covariate_design
+
+    table = pd.DataFrame({"age": [70.0, 80.0, 75.0], "sex": ["M", "F", "M"], "site": ["a", "b", "c"]}, index=["p1", "p2", "p3"])
+    design, levels = covariate_design(table, ["age", "sex", "site"])
+    assert levels == {"age": [], "sex": ["F", "M"], "site": ["a", "b", "c"]}
+    assert design.tolist() == [[70, 1, 0, 0], [80, 0, 1, 0], [75, 1, 0, 1]]
+    other, _ = covariate_design(pd.DataFrame({"age": [60.0], "sex": ["F"], "site": ["c"]}, index=["p9"]), ["age", "sex", "site"], levels)
+    assert other.tolist() == [[60, 0, 0, 1]]                 # coded as the training subjects were
+    with pytest.raises(InputError, match="participant p9.*site 'd' is none of"):
+        covariate_design(pd.DataFrame({"age": [60.0], "sex": ["F"], "site": ["d"]}, index=["p9"]), ["age", "sex", "site"], levels)
+    with pytest.raises(InputError, match="participant p2: has no age"):
+        covariate_design(table.assign(age=[70.0, np.nan, 75.0]), ["age"])
+
+
+def test_a_model_trained_with_covariates_is_given_them_again_at_extraction(project, tmp_path):
+    import mlflow
+    from deltalake import DeltaTable
+
+    from endopheno.models.data import VolumeDataset, adjusted
+    from endopheno.models.extract import load_model
+
+    root = tmp_path / "covariates"
+    root.mkdir()
+    for name in ("volumes.zarr", "features"):
+        shutil.copytree(project / name, root / name)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    uri = f"sqlite:///{root}/mlflow.db"
+    params["train"].update(tracking_uri=uri, final_model=True)
+    params["train"]["models"]["cnn3d"].update(covariates=["age"], epochs=2)
+    params["extract"].update(tracking_uri=uri, participants="participants.tsv")
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    table = pd.read_csv(project / "participants.tsv", sep="\t")
+    table.loc[3, "age"] = np.nan                      # one participant without an age
+    table.to_csv(root / "participants.tsv", sep="\t", index=False)
+
+    trained = cli("train", "cnn3d", "--params", "params.yaml", cwd=root, check=0)
+    assert "1 subjects left out (first: s003: age missing)" in trained.stderr
+    assert registry(root)[("endopheno.cnn3d", 1)][1]["covariates"] == "age"
+    mlflow.set_tracking_uri(uri)
+    model = load_model("endopheno.cnn3d", "1")
+    assert model.covariates == {"age": []} and model.covariate_effects.shape == (1, 1, *SHAPE)
+    assert model.covariate_effects.abs().max() > 0
+
+    out = cli("extract", "--feature-set", "cnn3d_t1", "--params", "params.yaml", cwd=root, check=1)
+    assert re.search(r"failed subject s003: .*no age in participants.tsv", out.stderr)   # reported, the others extracted
+    rows = DeltaTable(str(root / "features" / "cnn3d_t1")).to_pyarrow_table().to_pandas().set_index("subject_id")
+    assert len(rows) == 47 and "s003" not in rows.index
+    x = VolumeDataset(root / "volumes.zarr", np.arange(2), np.zeros(2), inputs=model.inputs).volume(0)[None]
+    age = table.set_index("participant_id").loc[["sub-s000"], ["age"]].to_numpy()
+    expected = model.predict(adjusted(x, age, model.covariate_effects), "probability").item()
+    assert rows.at["s000", "p_ad"] == pytest.approx(expected, abs=1e-5)
+    assert model.predict(x, "probability").item() != pytest.approx(expected, abs=1e-5)   # the age was removed

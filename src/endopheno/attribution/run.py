@@ -196,12 +196,19 @@ def choose_subjects(subjects, diagnosis, n: int, seed: int) -> np.ndarray:
     return np.lexsort((diagnosis, position))[:n]
 
 
-def _reader(p: AttributeParams, model: VolumeModel, rows: np.ndarray):
-    """The store's subjects `rows` at the model's grid, read exactly as extraction reads them."""
-    from endopheno.models.data import VolumeDataset
+def _reader(p: AttributeParams, model: VolumeModel, rows: np.ndarray, subjects: np.ndarray):
+    """The store's subjects `rows` at the model's grid, read exactly as extraction reads them (`_usable`
+    has left out those without the model's covariates)."""
+    from endopheno.models.volume_model import reader
 
-    return VolumeDataset(p.store, rows, np.zeros(len(rows)), inputs=model.inputs, factor=model.factor,
-                         mask=model.mask.bool().cpu())
+    return reader(model, p.store, rows, subjects, p.participants)[0]
+
+
+def _usable(p: AttributeParams, model: VolumeModel, ds, task: str, **kwargs):
+    """The store's subjects usable for `task` (models/data.task_data) that have the model's covariates."""
+    from endopheno.models.data import task_data
+
+    return task_data(ds, p.participants, task, covariates=tuple(getattr(model, "covariates", {})), **kwargs)
 
 
 def _batches(reader, subjects: np.ndarray, batch_size: int, failed: list):
@@ -329,8 +336,6 @@ def _heatmaps(p: AttributeParams, model: VolumeModel, label: str, ds, out: Path,
               truth: np.ndarray | None, background) -> None:
     import mlflow
 
-    from endopheno.models.data import task_data
-
     if model.task == "reconstruction":
         # No method explains a volume output; ask each (without reading a subject) for its reason.
         empty = torch.zeros(0, len(model.inputs), *model.mask.shape, device=model.mask.device)
@@ -340,12 +345,12 @@ def _heatmaps(p: AttributeParams, model: VolumeModel, label: str, ds, out: Path,
             except MethodNotApplicable as e:
                 report.methods.append(MethodResult(method, "skipped", _why(e)))
         return
-    data = task_data(ds, p.participants, "reconstruction")           # every usable subject, with its diagnosis
+    data = _usable(p, model, ds, "reconstruction")                   # every usable subject, with its diagnosis
     known = np.flatnonzero(~np.isin(data.diagnosis, ["", "nan"]))
     if not len(known):
         raise InputError(p.participants, "no usable subject has a diagnosis to stratify by")
     chosen = known[choose_subjects(data.subjects[known], data.diagnosis[known], p.subjects, p.seed)]
-    reader = _reader(p, model, data.rows[chosen])
+    reader = _reader(p, model, data.rows[chosen], data.subjects[chosen])
     kept, xs = [], []
     for idx, _, x in _batches(reader, data.subjects[chosen], p.batch_size, report.failed):
         kept.append(idx), xs.append(x)
@@ -379,7 +384,7 @@ def _heatmaps(p: AttributeParams, model: VolumeModel, label: str, ds, out: Path,
         if not len(negative):
             raise InputError("attribute.baseline", f"'mean' needs {p.classes[0]} subjects; there are none")
         total, n = 0, 0
-        for _, _, xb in _batches(_reader(p, model, data.rows[negative]), data.subjects[negative], p.batch_size, []):
+        for _, _, xb in _batches(_reader(p, model, data.rows[negative], data.subjects[negative]), data.subjects[negative], p.batch_size, []):
             total, n = total + xb.sum(0), n + len(xb)
         mean_image = (total / n).to(model.mask.device)
     kwargs = _attribute_kwargs(p, mean_image)
@@ -457,12 +462,10 @@ def _heatmaps(p: AttributeParams, model: VolumeModel, label: str, ds, out: Path,
 
 def _svm_scores(p, model, ds, out, scored, mask, background, label, report) -> dict:
     """The linear SVM's pattern on the model's grid, written as ``svm_haufe.nii.gz`` and scored."""
-    from endopheno.models.data import task_data
-
-    data = task_data(ds, p.participants, "classification", classes=p.classes)
+    data = _usable(p, model, ds, "classification", classes=p.classes)
     inside = torch.from_numpy(mask)
     voxels, target = [], []
-    for idx, _, x in _batches(_reader(p, model, data.rows), data.subjects, 32, []):
+    for idx, _, x in _batches(_reader(p, model, data.rows, data.subjects), data.subjects, 32, []):
         voxels.append(x[:, 0][:, inside].numpy()), target.append(data.target[idx])
     target = np.concatenate(target)
     pattern, c, accuracy = svm_pattern(np.concatenate(voxels), target, p.svm_c, p.seed)
@@ -485,17 +488,16 @@ def _latent_regions(p: AttributeParams, model: VolumeModel, name: str, version: 
 
     from endopheno.attribution.regions import BACKGROUND, latent_regions, top_regions
     from endopheno.featurestore.atlas import atlas_from_files
-    from endopheno.models.data import task_data
 
     if p.regions is None:
         report.notes.append("no latent-to-region map: attribute.regions names no label image")
         return
     atlas = atlas_from_files(p.regions["labels"], p.regions["table"], tuple(model.mask.shape), model.affine,
                              reserved=(BACKGROUND,))
-    data = task_data(ds, p.participants, "reconstruction")
+    data = _usable(p, model, ds, "reconstruction")
     latents = []
     with torch.no_grad():
-        for _, _, x in _batches(_reader(p, model, data.rows), data.subjects, p.batch_size, report.failed):
+        for _, _, x in _batches(_reader(p, model, data.rows, data.subjects), data.subjects, p.batch_size, report.failed):
             latents.append(model.embed(x.to(model.mask.device)).float().cpu().numpy())
     if sum(len(z) for z in latents) < 2:
         raise InputError(p.store, "fewer than 2 subjects could be embedded: no cohort mean and SD of the latents")

@@ -10,6 +10,7 @@ same volumes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -40,6 +41,7 @@ class ExtractParams:
     loader_workers: int = 1
     device: str = "auto"
     tracking_uri: str | None = None
+    participants: str | None = "data/phantom/bids/participants.tsv"   # the covariates of a model trained with them
     sets: dict | None = None            # the sets the pipeline extracts -> the model entry each reads
 
 
@@ -100,7 +102,8 @@ def extract(defn: FeatureSet, p: ExtractParams, model_uri: str | None = None) ->
     import mlflow
 
     from endopheno.featurestore.store import digest, unchanged_version, write_version
-    from endopheno.models.data import NON_FINITE, VolumeDataset, finite
+    from endopheno.models.data import NON_FINITE, finite
+    from endopheno.models.volume_model import reader
     from endopheno.models.train import device_of
     from endopheno.tracking import git_revision, mlflow_run, tracking_uri
     from endopheno.volumes.preprocess import open_mni, volume_store_digest
@@ -115,6 +118,9 @@ def extract(defn: FeatureSet, p: ExtractParams, model_uri: str | None = None) ->
     ds = open_mni(p.volumes)
     provenance = {"model_name": name, "model_version": version, "volume_store_digest": volume_store_digest(ds),
                   "schema_version": defn.schema_version, "params_hash": digest({"outputs": outputs})}
+    if mlflow.MlflowClient().get_model_version(name, version).tags.get("covariates") and p.participants:
+        # the model reads each subject's covariates: other values, other features
+        provenance["participants_sha256"] = hashlib.sha256(Path(p.participants).read_bytes()).hexdigest()
     provenance["input_digest"] = digest({**provenance, "columns": [c.name for c in defn.columns]})
     path = Path(p.store) / defn.name
     if done := unchanged_version(path, provenance["input_digest"]):
@@ -125,14 +131,14 @@ def extract(defn: FeatureSet, p: ExtractParams, model_uri: str | None = None) ->
     model.to(device)
     done = np.flatnonzero(np.array(ds.source_sha256.values.tolist(), dtype=str) != "")
     keys = np.array(ds.subject.values.tolist(), dtype=str)
-    dataset = VolumeDataset(p.volumes, done, np.zeros(len(done)), inputs=model.inputs, factor=model.factor,
-                            mask=model.mask.bool().cpu())
+    dataset, done, failed = reader(model, p.volumes, done, keys[done], p.participants)
     loader = torch.utils.data.DataLoader(dataset, batch_size=p.batch_size, num_workers=p.loader_workers)
     log.info("extracting %s with %s version %s from %d subjects", defn.name, name, version, len(done))
     with mlflow_run("endopheno.features", f"extract {defn.name}", uri=p.tracking_uri,
                     tags={"endopheno.kind": "features", "feature_set": defn.name, **{k: str(v) for k, v in provenance.items()}}) as run:
         results = {o: [] for o in outputs}
-        subjects, failed, start, t0 = [], [], 0, time.perf_counter()
+        subjects, start, t0 = [], 0, time.perf_counter()
+        failed = [(s, InputError(f"subject {s}", reason)) for s, reason in failed]
         for x, _ in loader:
             rows = keys[done[start:start + len(x)]]
             start += len(x)

@@ -42,8 +42,8 @@ from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, roc_au
 from endopheno.errors import InputError
 from endopheno.models.architectures import build, layout_of, parcel_centres_in, ward_parcels
 from endopheno.models.basis import fold_into, independent_components
-from endopheno.models.data import (TaskData, VolumeDataset, augmentation, brain_mask, fit_normalisation, midline_of, pool_factor,
-                                   task_data)
+from endopheno.models.data import (TaskData, VolumeDataset, adjusted, augmentation, brain_mask, covariate_design, covariate_effects,
+                                   filtered, fit_normalisation, midline_of, participant_table, pool_factor, task_data)
 from endopheno.models.splits import Split, check_normalisation, check_split, outer_folds
 from endopheno.models.volume_model import VolumeModel, model_grid_affine
 from endopheno.params import from_section
@@ -79,6 +79,7 @@ class ModelSpec:
     patch_epochs: int = 10              # patch27: epochs of the 27 single-patch networks
     basis: str | None = None            # reconstruction: `ica`, the final latent's axes as independent components (models/basis.py)
     bilateral: bool = False             # each input map averaged with its left-right mirror image (data.bilateral): for bilateral atrophy
+    covariates: tuple[str, ...] = ()    # participants.tsv columns whose voxelwise effect, fitted in the training controls, is removed (data.covariate_effects)
     highpass_mm: float | None = None    # input maps minus their Gaussian-smoothed copy (SD in mm; data.highpass); null = as read
     normalisation: str = "map"          # map: one mean and SD per input map | voxel: each voxel's own (training subjects)
     parcels: str = "bumps"              # parcels bottleneck's start: bumps (around k-means centres of the mask) | ward (of the training maps)
@@ -134,7 +135,9 @@ def model_spec(p: TrainParams, name: str) -> ModelSpec:
         raise InputError(f"train.models.{name}", "basis ica would mix the dimensions of the parcels bottleneck, each tied to its parcel")
     if spec.parcels not in ("bumps", "ward"):
         raise InputError(f"train.models.{name}", f"parcels {spec.parcels!r}: bumps or ward")
-    return ModelSpec(**{**asdict(spec), "inputs": tuple(spec.inputs)})
+    if spec.target in spec.covariates and spec.task != "reconstruction":
+        raise InputError(f"train.models.{name}.covariates", f"holds the model's target {spec.target!r}")
+    return ModelSpec(**{**asdict(spec), "inputs": tuple(spec.inputs), "covariates": tuple(spec.covariates)})
 
 
 def to_device(x: torch.Tensor, device: torch.device, layout: torch.memory_format) -> torch.Tensor:
@@ -395,7 +398,10 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         ds = open_mni(p.store)
         self.digest = volume_store_digest(ds)
-        self.data: TaskData = task_data(ds, p.participants, spec.task, target=spec.target, classes=p.classes)
+        self.data: TaskData = task_data(ds, p.participants, spec.task, target=spec.target, classes=p.classes,
+                                        covariates=spec.covariates)
+        self.design, self.levels = covariate_design(participant_table(p.participants).loc[self.data.groups], spec.covariates) \
+            if spec.covariates else (np.zeros((len(self.data), 0)), {})
         store_mm = float(abs(np.asarray(ds.attrs["affine"])[0, 0]))
         self.factor = pool_factor(store_mm, p.resolution_mm)
         self.affine = model_grid_affine(np.asarray(ds.attrs["affine"]), self.factor)
@@ -408,6 +414,12 @@ class Trainer:
         # Every subject's pooled maps, once: normalisation statistics, the voxel baselines and (with
         # `in_memory`) the training loaders read them from memory.
         self.volumes = torch.stack([reader.volume(i) for i in range(len(reader))])
+        # The covariates' effects are fitted on the unfiltered maps, so that the registered model, which
+        # filters what it is given, can remove them before it does (the filters are linear).
+        self.unfiltered = self.volumes
+        if spec.covariates and (self.highpass_voxels or self.midline is not None):
+            raw = VolumeDataset(p.store, self.data.rows, self.data.target, inputs=spec.inputs, factor=self.factor, mask=self.mask)
+            self.unfiltered = torch.stack([raw.volume(i) for i in range(len(raw))])
         self.shape = tuple(self.volumes.shape[2:])
         # Whatever decides a fold's result: a rerun with all of it unchanged resumes; a change to any (the
         # participants' table included: a corrected diagnosis changes targets and folds) starts afresh.
@@ -424,15 +436,33 @@ class Trainer:
         t = self.data.target[rows]
         return float(t.mean()), float(t.std() + 1e-9)
 
-    def normalisation(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return fit_normalisation(self.volumes[rows], self.mask, self.spec.normalisation)
+    def adjustment(self, split: Split) -> torch.Tensor | None:
+        """The covariates' voxelwise effects (`covariates`), fitted on the training subjects of `split`
+        alone, the controls among them for a classifier (data.covariate_effects); None without covariates."""
+        if not self.spec.covariates:
+            return None
+        train = split.train
+        reference = train[self.data.target[train] == 0] if self.spec.task == "classification" else train
+        return covariate_effects(self.unfiltered, self.design, reference)
 
-    def loader(self, rows: np.ndarray, norm, scale, *, shuffle: bool, seed: int) -> torch.utils.data.DataLoader:
+    def maps(self, rows: np.ndarray, effects: torch.Tensor | None) -> torch.Tensor:
+        """The pooled, filtered maps of `rows` with the covariate `effects` removed: what the network reads
+        (the filtered maps minus the filtered effects, which is the filtered adjusted maps)."""
+        if effects is not None:
+            effects = filtered(effects, self.mask, self.highpass_voxels, self.midline)
+        return adjusted(self.volumes[rows], self.design[rows], effects)
+
+    def normalisation(self, rows: np.ndarray, effects: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return fit_normalisation(self.maps(rows, effects), self.mask, self.spec.normalisation)
+
+    def loader(self, rows: np.ndarray, norm, scale, *, shuffle: bool, seed: int,
+               effects: torch.Tensor | None = None) -> torch.utils.data.DataLoader:
         target = (self.data.target[rows] - scale[0]) / scale[1]
         augment = augmentation(self.spec.augment, seed) if shuffle else None
         dataset = VolumeDataset(self.p.store, self.data.rows[rows], target, inputs=self.spec.inputs, factor=self.factor,
                                 mask=self.mask, normalise=norm, augment=augment, highpass_voxels=self.highpass_voxels,
-                                midline=self.midline, volumes=self.volumes[rows] if self.p.in_memory else None)
+                                midline=self.midline, adjust=(self.design[rows], effects),
+                                volumes=self.maps(rows, effects) if self.p.in_memory else None)
         # From memory an item costs a subtraction and a division: a worker process would only take CPU
         # from the network (on 2 cores cnn3d's folds train 1.8x faster without; BENCHMARKS.md).
         workers = 0 if self.p.in_memory else self.p.loader_workers
@@ -462,13 +492,14 @@ class Trainer:
     def train_split(self, split: Split, seed: int, checkpoint: Path | None, label: str):
         """Train on `split` (train + validation). Returns (net, normalisation, target scale, FitResult, info)."""
         check_split(split, self.data.groups)
-        norm = self.normalisation(split.train)
+        effects = self.adjustment(split)
+        norm = self.normalisation(split.train, effects)
         scale = self.target_scale(split.train)
-        train = self.loader(split.train, norm, scale, shuffle=True, seed=seed)
-        validation = self.loader(split.validation, norm, scale, shuffle=False, seed=seed)
+        train = self.loader(split.train, norm, scale, shuffle=True, seed=seed, effects=effects)
+        validation = self.loader(split.validation, norm, scale, shuffle=False, seed=seed, effects=effects)
         # What the loaders apply, against the statistics of the training subjects alone, fitted afresh here
         # (not through `normalisation`, whatever it may become).
-        training = fit_normalisation(self.volumes[split.train], self.mask, self.spec.normalisation)
+        training = fit_normalisation(self.maps(split.train, effects), self.mask, self.spec.normalisation)
         for loader in (train, validation):
             check_normalisation(split, loader.dataset.normalise, training)
         for attempt in range(self.spec.restarts + 1):
@@ -478,7 +509,7 @@ class Trainer:
             else:
                 net = self.net(seed)
                 if self.spec.parcels == "ward" and self.spec.options.get("bottleneck") == "parcels":
-                    self.start_parcels(net, split.train, norm)
+                    self.start_parcels(net, self.maps(split.train, effects), norm)
             result = fit(net, train, validation, task=self.spec.task, spec=self.spec, epochs=self.spec.epochs, device=self.device,
                          amp=self.amp, mask=self.mask, checkpoint=checkpoint, label=label)
             chance = self.chance_loss(split.train)
@@ -501,11 +532,11 @@ class Trainer:
             return -(q * math.log(q) + (1 - q) * math.log(1 - q))
         return 1.0 if self.spec.task == "regression" else math.inf
 
-    def start_parcels(self, net, rows: np.ndarray, norm) -> None:
+    def start_parcels(self, net, volumes: torch.Tensor, norm) -> None:
         """Start the parcels bottleneck as a Ward parcellation of what the network reads (the normalised,
-        filtered maps) of the training subjects `rows` alone. The untrained baseline keeps the bumps: the
-        parcellation is fitted to data, a part of training."""
-        maps = ((self.volumes[rows] - norm[0]) / norm[1] * self.mask).flatten(0, 1)   # each map of each subject a sample
+        filtered maps) of the training subjects alone (`volumes`). The untrained baseline keeps the bumps:
+        the parcellation is fitted to data, a part of training."""
+        maps = ((volumes - norm[0]) / norm[1] * self.mask).flatten(0, 1)   # each map of each subject a sample
         net.encoder[-1].start_as(ward_parcels(maps, self.mask, net.embedding_dim))
 
     def select_patches(self, train, validation, split: Split, seed: int, checkpoint, label):
@@ -605,7 +636,8 @@ class Trainer:
         seed = self.p.seed * 1000 + split.fold
         net, norm, scale, result, info = self.train_split(split, seed, self.checkpoints / f"fold{split.fold}.pt",
                                                             f"{self.spec.name} fold {split.fold}")
-        test = self.loader(split.test, norm, scale, shuffle=False, seed=seed)
+        effects = self.adjustment(split)
+        test = self.loader(split.test, norm, scale, shuffle=False, seed=seed, effects=effects)
         truth = self.data.target[split.test]
         metrics = {**self.test_scores(net, test, scale, truth), "best_epoch": float(result.best_epoch),
                    "train_volumes_per_s": result.volumes_per_s, **info, "test_subjects": self.data.subjects[split.test].tolist()}
@@ -613,7 +645,7 @@ class Trainer:
             untrained = self.net(seed)
             base = scores(self.spec.task, outputs(untrained, test, task="reconstruction", device=self.device, mask=self.mask), truth)
         else:
-            voxels = self.volumes[:, 0][:, self.mask].numpy()
+            voxels = self.maps(np.arange(len(self.data)), effects)[:, 0][:, self.mask].numpy()
             base = linear_baseline(self.spec.task, voxels, self.data.target, split, self.p.svm_c)
         return {"metrics": metrics, "baseline": base, "history": result.history}
 
@@ -644,8 +676,9 @@ class Trainer:
         """Volumes/s of the training DataLoader alone (from memory, or with `in_memory` false the Zarr reads
         and pooling; normalisation, augmentation), to compare with the training throughput: the loader is
         not the bottleneck when it is higher."""
-        norm = self.normalisation(split.train)
-        loader = self.loader(split.train, norm, self.target_scale(split.train), shuffle=True, seed=0)
+        effects = self.adjustment(split)
+        loader = self.loader(split.train, self.normalisation(split.train, effects), self.target_scale(split.train),
+                             shuffle=True, seed=0, effects=effects)
         t0, n = time.perf_counter(), 0
         for x, _ in loader:
             n += len(x)
@@ -678,19 +711,20 @@ class Trainer:
         mlflow.log_params({"final_best_epoch": result.best_epoch, **{f"final_{k}": v for k, v in info.items()}})
         if self.spec.basis:
             # The baseline gets the same treatment, so that comparing the two measures what training adds.
-            self.independent_basis((net, untrained), split, norm)
-        model = self.volume_model(net, norm, scale)
+            self.independent_basis((net, untrained), split, norm, self.adjustment(split))
+        effects = self.adjustment(split)
+        model = self.volume_model(net, norm, scale, effects)
         report.version = register(model, f"{REGISTRY_PREFIX}{self.spec.name}", report, self.spec, self.p)
         metric, higher = SELECTION[self.spec.task]
         report.champion = set_champion(f"{REGISTRY_PREFIX}{self.spec.name}", report.version, metric, higher)
         if self.spec.task == "reconstruction":
             # The untrained baseline, registered beside it: its features must be beaten to be worth anything.
-            untrained = self.volume_model(untrained, norm, scale)
+            untrained = self.volume_model(untrained, norm, scale, effects)
             version = register(untrained, f"{REGISTRY_PREFIX}{self.spec.name}_untrained", report, self.spec, self.p,
                                untrained=True)
             set_champion(f"{REGISTRY_PREFIX}{self.spec.name}_untrained", version, None, True)
 
-    def independent_basis(self, nets, split: Split, norm) -> None:
+    def independent_basis(self, nets, split: Split, norm, effects: torch.Tensor | None) -> None:
         """Give the latent of each of `nets` independent-component axes, fitted on the final model's
         subjects, whose volumes are read once for all (models/basis.py)."""
         rows = np.sort(np.r_[split.train, split.validation])
@@ -698,7 +732,7 @@ class Trainer:
         for net in nets:
             net.to(self.device).eval()
         with torch.no_grad():
-            for x, _ in self.loader(rows, norm, (0.0, 1.0), shuffle=False, seed=0):
+            for x, _ in self.loader(rows, norm, (0.0, 1.0), shuffle=False, seed=0, effects=effects):
                 x = x.to(self.device)
                 for net, code in zip(nets, codes):
                     code.append(net.encode(x).double().cpu().numpy())
@@ -707,12 +741,13 @@ class Trainer:
         for net, code in zip(nets, codes):
             fold_into(net.cpu(), *independent_components(np.concatenate(code), inputs, seed=self.p.seed))
 
-    def volume_model(self, net, norm, scale) -> VolumeModel:
+    def volume_model(self, net, norm, scale, effects: torch.Tensor | None = None) -> VolumeModel:
         return VolumeModel(net.cpu().eval(), architecture=self.spec.architecture, task=self.spec.task,
                            inputs=self.spec.inputs, factor=self.factor, affine=self.affine, mean=norm[0], sd=norm[1],
                            mask=self.mask, target_mean=scale[0], target_sd=scale[1],
                            classes=self.p.classes if self.spec.task == "classification" else (),
-                           highpass_voxels=self.highpass_voxels, midline=self.midline)
+                           highpass_voxels=self.highpass_voxels, midline=self.midline,
+                           covariates=self.levels, covariate_effects=effects)
 
     def log_inputs(self, splits: list[Split]) -> None:
         """Params, and the dataset read: the subjects with their target and test fold, whose digest is the
@@ -819,7 +854,8 @@ def register(model: VolumeModel, name: str, report: TrainReport, spec: ModelSpec
     tags = {"task": spec.task, "architecture": spec.architecture, "folds": str(p.folds), "metric": metric,
             "cv_value": "" if untrained else f"{report.summary[f'{metric}_mean']:.6f}", "untrained": str(untrained).lower(),
             "inputs": ",".join(spec.inputs), "resolution_mm": str(p.resolution_mm), "basis": str(spec.basis),
-            "highpass_mm": str(spec.highpass_mm), "bilateral": str(spec.bilateral).lower(), "normalisation": spec.normalisation, "parcels": spec.parcels,
+            "highpass_mm": str(spec.highpass_mm), "bilateral": str(spec.bilateral).lower(),
+            "covariates": ",".join(spec.covariates), "normalisation": spec.normalisation, "parcels": spec.parcels,
             "training_run": report.run_id}
     client = mlflow.MlflowClient()
     tags["volume_store_digest"] = client.get_run(report.run_id).data.tags.get("volume_store_digest", "")
@@ -830,7 +866,7 @@ def register(model: VolumeModel, name: str, report: TrainReport, spec: ModelSpec
 
 # Version tags two versions' metrics are compared on, with the value of versions registered before the tag.
 COMPARABLE_ON = {"inputs": None, "resolution_mm": None, "volume_store_digest": None, "basis": "None", "highpass_mm": "None",
-                 "bilateral": "false", "normalisation": "map", "parcels": "bumps"}
+                 "bilateral": "false", "covariates": "", "normalisation": "map", "parcels": "bumps"}
 
 
 def set_champion(name: str, version: str, metric: str | None, higher: bool) -> bool:

@@ -5,6 +5,10 @@
 so that a registered version is self-contained: extraction and attribution load it and feed it
 volumes, nothing else. ``affine`` maps its voxel grid to MNI mm (the store's affine, scaled by the
 pooling factor), so maps computed on its inputs are written with their true position.
+
+A model trained with `covariates` (age, sex: data.covariate_effects) reads maps with those effects
+removed, which needs each subject's values: `reader` builds the Dataset extraction and attribution read,
+from the participants table, so that what the network sees is what training gave it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from endopheno.models.data import filtered
+from endopheno.errors import InputError
+from endopheno.models.data import VolumeDataset, covariate_design, filtered, participant_table
 
 OUTPUTS = ("embedding", "probability", "prediction")
 
@@ -22,7 +27,8 @@ class VolumeModel(nn.Module):
     def __init__(self, net: nn.Module, *, architecture: str, task: str, inputs: tuple[str, ...], factor: int,
                  affine: np.ndarray, mean: torch.Tensor, sd: torch.Tensor, mask: torch.Tensor,
                  target_mean: float = 0.0, target_sd: float = 1.0, classes: tuple[str, ...] = (),
-                 highpass_voxels: float | None = None, midline: float | None = None):
+                 highpass_voxels: float | None = None, midline: float | None = None, covariates: dict | None = None,
+                 covariate_effects: torch.Tensor | None = None):
         super().__init__()
         self.net = net
         self.architecture, self.task, self.inputs, self.factor = architecture, task, tuple(inputs), int(factor)
@@ -33,6 +39,9 @@ class VolumeModel(nn.Module):
         self.register_buffer("mean", (mean if mean.dim() == 4 else mean.reshape(-1, 1, 1, 1)).float())
         self.register_buffer("sd", (sd if sd.dim() == 4 else sd.reshape(-1, 1, 1, 1)).float())
         self.register_buffer("mask", mask.float())
+        # {name: levels} (data.covariate_design) and their slopes [K, C, X, Y, Z], fitted in the training controls
+        self.covariates = dict(covariates or {})
+        self.register_buffer("covariate_effects", None if covariate_effects is None else covariate_effects.float())
 
     @property
     def embedding_dim(self) -> int:
@@ -64,6 +73,28 @@ class VolumeModel(nn.Module):
         if output == "prediction" and self.task == "regression":
             return out[:, 0].float() * self.target_sd + self.target_mean
         raise ValueError(f"output {output!r} does not apply to a {self.task} model")
+
+
+def reader(model: VolumeModel, store, rows: np.ndarray, keys: np.ndarray, participants=None):
+    """The Dataset of the store's subjects `rows` (subject keys `keys`) as `model` reads them, and the rows
+    kept: with covariates, a subject whose values `participants` lacks is left out, with one line for each
+    in the returned [(subject, reason)] (the others go on)."""
+    covariates = getattr(model, "covariates", {})   # versions registered before the knob have none
+    failed, design = [], None
+    if covariates:
+        if participants is None:
+            raise InputError(f"{model.architecture} model", f"reads maps adjusted for {', '.join(covariates)}: give the "
+                                                            "participants table that holds them")
+        table = participant_table(participants)
+        groups = np.array([str(k).split("_ses-")[0] for k in keys])
+        known = np.isin(groups, table.index)
+        known[known] = table.loc[groups[known], list(covariates)].notna().all(axis=1).to_numpy()
+        failed = [(str(k), f"no {', '.join(covariates)} in {participants}") for k in keys[~known]]
+        rows, groups = np.asarray(rows)[known], groups[known]
+        design, _ = covariate_design(table.loc[groups], list(covariates), covariates)
+    dataset = VolumeDataset(store, rows, np.zeros(len(rows)), inputs=model.inputs, factor=model.factor,
+                            mask=model.mask.bool().cpu(), adjust=(design, model.covariate_effects) if covariates else None)
+    return dataset, rows, failed
 
 
 def model_grid_affine(store_affine: np.ndarray, factor: int) -> np.ndarray:
