@@ -371,7 +371,7 @@ def test_patch27_extracts_with_a_bad_subject_reported_and_the_rest_written(proje
 
 
 def test_normalisation_fitted_beyond_the_training_subjects_fails_the_run(project, monkeypatch):
-    from endopheno.models.data import fit_normalisation
+    from endopheno.models.data import covariate_effects, fit_normalisation
     from endopheno.models.splits import LeakageError, outer_folds
     from endopheno.models.train import Trainer, load_train_params, model_spec
 
@@ -385,6 +385,16 @@ def test_normalisation_fitted_beyond_the_training_subjects_fails_the_run(project
     assert result.epochs == 1
     # The classic leak: statistics of every subject, test fold included (Wen et al. 2020).
     monkeypatch.setattr(Trainer, "normalisation", lambda self, rows, effects=None: fit_normalisation(self.volumes, self.mask))
+    with pytest.raises(LeakageError, match="not those of the fold's"):
+        trainer.train_split(split, 1, None, "leaky")
+    monkeypatch.undo()
+    monkeypatch.chdir(project)
+    # covariate effects fitted on every subject (the test fold's too) are caught the same way
+    section["models"]["cnn3d"]["covariates"] = ["age"]
+    p = load_train_params(section)
+    trainer = Trainer(p, model_spec(p, "cnn3d"))
+    trainer.train_split(split, 1, None, "honest")
+    monkeypatch.setattr(Trainer, "adjustment", lambda self, split: covariate_effects(self.volumes, self.design, np.arange(len(self.data))))
     with pytest.raises(LeakageError, match="not those of the fold's"):
         trainer.train_split(split, 1, None, "leaky")
 

@@ -502,6 +502,9 @@ class Trainer:
         training = fit_normalisation(self.maps(split.train, effects), self.mask, self.spec.normalisation)
         for loader in (train, validation):
             check_normalisation(split, loader.dataset.normalise, training)
+        if effects is not None:  # and the covariate effects, against those of the training controls alone
+            controls = split.train[self.data.target[split.train] == 0] if self.spec.task == "classification" else split.train
+            check_normalisation(split, (effects,), (covariate_effects(self.unfiltered, self.design, controls),))
         for attempt in range(self.spec.restarts + 1):
             info = {}
             if self.spec.architecture == "patch27":
