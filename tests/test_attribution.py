@@ -16,7 +16,7 @@ from torch import nn
 from endopheno.attribution.heatmaps import (MethodNotApplicable, _fold_batchnorm, _gradcam, attribute,
                                             baseline_volume, completeness, randomised_copy, rank_correlation)
 from endopheno.attribution.nifti import group_average, write_map
-from endopheno.attribution.score import dice_at_top, haufe_pattern, jackknife_auc_se, roc_auc, score_map, top_voxels
+from endopheno.attribution.score import below_randomised, dice_at_top, haufe_pattern, jackknife_auc_se, roc_auc, score_map, top_voxels
 from endopheno.errors import InputError
 from endopheno.models.architectures import build
 from endopheno.models.volume_model import VolumeModel
@@ -368,6 +368,16 @@ def test_scores_of_perfect_and_reversed_maps():
     assert score_map(noisy, truth, mask) == perfect
     with pytest.raises(InputError, match="truth map"):
         roc_auc(truth, np.zeros(SHAPE), mask)
+
+
+def test_a_method_no_better_than_on_the_randomised_network_is_named():
+    import pandas as pd
+
+    scores = pd.DataFrame({"method": ["integrated_gradients", "guided_gradcam", "occlusion", "svm_haufe"],
+                           "auc": [0.83, 0.366, 0.70, 0.92], "auc_randomised": [0.70, 0.712, 0.70, np.nan]})
+    named = below_randomised(scores)
+    assert [s.split(":")[0] for s in named] == ["guided_gradcam", "occlusion"]   # a tie passes no test either
+    assert "0.366 against 0.712" in named[0]
 
 
 def test_jackknife_error_of_a_group_maps_auc_matches_the_spread_over_draws():

@@ -11,7 +11,9 @@ map of the same shape, on the model's voxel grid (whose MNI position is ``model.
   *Explainable AI*, LNCS 11700), captum's `LRP` with the rules of `LRP_RULES` (see there).
 - ``"guided_gradcam"``: Selvaraju et al. (2017, ICCV), Grad-CAM of the network's target layer(s),
   upsampled to the input grid and multiplied with guided backpropagation (Springenberg et al. 2015),
-  from captum's `LayerGradCam` and `GuidedBackprop`.
+  from captum's `LayerGradCam` and `GuidedBackprop`. Grad-CAM's ReLU keeps only evidence for the
+  explained output: evidence held as features whose loss raises it (healthy tissue, for an AD logit) is
+  dropped, and the map then lies beside the atrophy (benchmarks/gradcam_layers.py).
 - ``"occlusion"``: Zeiler & Fergus (2014, ECCV), captum's `Occlusion` with a cube window per channel:
   the drop of the output when the cube is replaced by the baseline, averaged over the windows covering
   each voxel.

@@ -47,7 +47,7 @@ import torch
 from endopheno.attribution.heatmaps import (METHODS, MethodNotApplicable, attribute, completeness, randomised_copy,
                                             rank_correlation)
 from endopheno.attribution.nifti import group_average, write_map
-from endopheno.attribution.score import haufe_pattern, jackknife_auc_se, score_map
+from endopheno.attribution.score import below_randomised, haufe_pattern, jackknife_auc_se, score_map
 from endopheno.errors import InputError
 from endopheno.models.data import NON_FINITE, finite
 from endopheno.models.volume_model import VolumeModel
@@ -455,6 +455,7 @@ def _heatmaps(p: AttributeParams, model: VolumeModel, label: str, ds, out: Path,
     scores.insert(2, "truth_voxels", int((scored[mask] > p.truth_threshold).sum()))
     scores.to_csv(out / "scores.tsv", sep="\t", index=False, float_format="%.6g")
     report.scores = scores
+    report.notes += below_randomised(scores)
     for row in rows:
         mlflow.log_metrics({f"{row['method']}_{k}": float(v) for k, v in row.items()
                             if k != "method" and isinstance(v, float) and np.isfinite(v)})

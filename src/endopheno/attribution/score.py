@@ -31,8 +31,8 @@ from endopheno.errors import InputError
 
 FRACTIONS = (0.01, 0.05, 0.10)
 
-__all__ = ["FRACTIONS", "correlation", "dice", "dice_at_top", "haufe_pattern", "jackknife_auc_se", "roc_auc", "score_map",
-           "top_voxels"]
+__all__ = ["FRACTIONS", "below_randomised", "correlation", "dice", "dice_at_top", "haufe_pattern", "jackknife_auc_se",
+           "roc_auc", "score_map", "top_voxels"]
 
 
 def _inside(volume, mask) -> np.ndarray:
@@ -137,6 +137,18 @@ def jackknife_auc_se(maps, truth, mask, *, threshold: float = 0.0, signed: bool 
         mean = (total - values[i]) / (n - 1)
         aucs[i] = roc_auc_score(positive, mean if signed else np.abs(mean))
     return float(np.sqrt((n - 1) / n * ((aucs - aucs.mean()) ** 2).sum()))
+
+
+def below_randomised(scores) -> list[str]:
+    """One sentence per method of a ``scores.tsv`` table (columns ``method``, ``auc``, ``auc_randomised``)
+    whose map finds the truth no better than the same method on the randomised network: the
+    model-parameter randomisation test of Adebayo et al. (2018) failed, so the map does not show what the
+    model learned (on the phantom's `cnn3d`, Guided Grad-CAM, whose ReLU keeps only positive evidence of
+    the AD logit while that network's evidence at the atrophy is negative: BENCHMARKS.md)."""
+    rows = scores[np.isfinite(scores["auc"]) & np.isfinite(scores["auc_randomised"])
+                  & (scores["auc"] <= scores["auc_randomised"])]
+    return [f"{r.method}: its map finds the truth no better than on the randomised network (AUC {r.auc:.3f} against "
+            f"{r.auc_randomised:.3f}), so it does not show what this model learned" for r in rows.itertuples()]
 
 
 def haufe_pattern(weights, X) -> np.ndarray:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from endopheno.attribution.score import below_randomised
 from endopheno.report.html import Figures, Section, collapsed, figures, paragraph, table
 
 REGISTRY_PREFIX = "endopheno."      # registered models are endopheno.NAME; their attribution folder is NAME
@@ -128,6 +129,9 @@ def attribution(folder: Path, names: tuple[str, ...], figs: Figures) -> Section:
         frame = attribution_table(checks, scores)
         if frame is not None and len(frame):
             s.add(table(frame))
+        if scores is not None and "auc_randomised" in scores:
+            for sentence in below_randomised(scores):
+                s.add(paragraph(f"Sanity check failed, {sentence}."))
         if checks is not None:
             for reason, skipped in checks[checks["status"] == "skipped"].groupby("reason", sort=False)["method"]:
                 s.add(paragraph(f"Skipped {', '.join(skipped)}: {reason}."))
