@@ -25,7 +25,7 @@ from captum.attr import GuidedBackprop, LayerAttribution, LayerGradCam
 
 from _common import machine
 from endopheno.attribution.heatmaps import attribute
-from endopheno.attribution.run import _batches, _reader, _usable, choose_subjects, load_attribute_params, truth_on_grid
+from endopheno.attribution.run import _usable, explained_subjects, load_attribute_params, truth_on_grid
 from endopheno.attribution.score import roc_auc
 from endopheno.models.extract import load_model, resolve
 from endopheno.params import load_params
@@ -42,21 +42,19 @@ def main() -> None:
     mlflow.set_tracking_uri(tracking_uri(p.tracking_uri))
     name, version = resolve(a.model)
     model = load_model(name, version).eval()
-    data = _usable(p, model, open_mni(p.store), "reconstruction")
-    known = np.flatnonzero(~np.isin(data.diagnosis, ["", "nan"]))
-    chosen = known[choose_subjects(data.subjects[known], data.diagnosis[known], p.subjects, p.seed)]
-    reader = _reader(p, model, data.rows[chosen], data.subjects[chosen])
-    kept, xs = zip(*[(idx, x) for idx, _, x in _batches(reader, data.subjects[chosen], p.batch_size, [])])
-    x = torch.cat(xs)[data.diagnosis[chosen][np.concatenate(kept)] == p.classes[-1]]
+    x, _, diagnosis = explained_subjects(p, model, _usable(p, model, open_mni(p.store), "reconstruction"), [])
+    x = x[torch.from_numpy(diagnosis == p.classes[-1])]
     mask = model.mask.numpy() > 0
     truth = np.abs(truth_on_grid(p.truth, tuple(model.mask.shape), model.affine))
 
     def auc(group_map) -> float:
         return roc_auc(group_map, truth, mask, threshold=p.truth_threshold)
 
-    def cam(layer, target: int, relu: bool) -> np.ndarray:
+    def cam(layer, target: int, relu: bool) -> tuple[np.ndarray, tuple]:
+        """Subject maps upsampled to the input grid, and the layer's own grid."""
         local = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=relu)
-        return LayerAttribution.interpolate(local, tuple(x.shape[2:]), "trilinear").detach().numpy()[:, 0]
+        up = LayerAttribution.interpolate(local, tuple(x.shape[2:]), "trilinear").detach().numpy()[:, 0]
+        return up, tuple(local.shape[2:])
 
     positive = model.classes.index(p.classes[-1])
     print(f"{machine()}; {name}/{version}, {len(x)} {p.classes[-1]} subjects, truth voxels "
@@ -65,12 +63,11 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     convs = [m for m in model.net.modules() if isinstance(m, torch.nn.Conv3d)]
     for i, layer in enumerate(convs):
-        with torch.no_grad():
-            grid = tuple(LayerGradCam(model, layer).attribute(x[:1], target=positive).shape[2:])
         for target in (positive, 1 - positive):
-            signed = cam(layer, target, relu=False).mean(0)
+            signed, grid = cam(layer, target, relu=False)
+            signed = signed.mean(0)
             print(f"| conv {i} {grid}{' (target layer)' if layer is convs[-1] else ''} | {model.classes[target]} | "
-                  f"{auc(cam(layer, target, relu=True).mean(0)):.3f} | {auc(signed):.3f} | "
+                  f"{auc(cam(layer, target, relu=True)[0].mean(0)):.3f} | {auc(signed):.3f} | "
                   f"{np.mean(signed[mask] > 0):.2f} |", flush=True)
     guided = GuidedBackprop(model).attribute(x.clone().requires_grad_(), target=positive).detach().numpy()[:, 0]
     print(f"\nguided backpropagation alone: AUC {auc(guided.mean(0)):.3f}; Guided Grad-CAM (the pipeline's): "

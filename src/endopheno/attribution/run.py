@@ -58,7 +58,7 @@ SVM_ROW = "svm_haufe"
 EXPERIMENT = "endopheno.attribution"
 
 __all__ = ["AttributeParams", "AttributionReport", "MethodResult", "SVM_ROW", "attribute_model", "choose_subjects",
-           "model_uris", "plot_map", "svm_pattern", "truth_on_grid"]
+           "explained_subjects", "model_uris", "plot_map", "svm_pattern", "truth_on_grid"]
 
 
 @dataclass(frozen=True)
@@ -224,6 +224,24 @@ def _batches(reader, subjects: np.ndarray, batch_size: int, failed: list):
             yield idx[ok], subjects[idx[ok]], x[torch.from_numpy(ok)]
 
 
+def explained_subjects(p: AttributeParams, model: VolumeModel, data, failed: list):
+    """The `p.subjects` subjects that attribution explains (`choose_subjects` among the usable `data`
+    with a diagnosis), read onto the model's device: (x ``[N, C, X, Y, Z]``, subjects, diagnosis). A
+    subject that cannot be read is reported in `failed` and left out."""
+    known = np.flatnonzero(~np.isin(data.diagnosis, ["", "nan"]))
+    if not len(known):
+        raise InputError(p.participants, "no usable subject has a diagnosis to stratify by")
+    chosen = known[choose_subjects(data.subjects[known], data.diagnosis[known], p.subjects, p.seed)]
+    kept, xs = [], []
+    for idx, _, x in _batches(_reader(p, model, data.rows[chosen], data.subjects[chosen]), data.subjects[chosen],
+                              p.batch_size, failed):
+        kept.append(idx), xs.append(x)
+    if not xs:
+        raise InputError(p.store, "no subject could be read for attribution")
+    kept = np.concatenate(kept)
+    return torch.cat(xs).to(model.mask.device), data.subjects[chosen][kept], data.diagnosis[chosen][kept]
+
+
 def _check_grid(ds, model: VolumeModel, label: str) -> None:
     from endopheno.models.volume_model import model_grid_affine
 
@@ -346,19 +364,7 @@ def _heatmaps(p: AttributeParams, model: VolumeModel, label: str, ds, out: Path,
                 report.methods.append(MethodResult(method, "skipped", _why(e)))
         return
     data = _usable(p, model, ds, "reconstruction")                   # every usable subject, with its diagnosis
-    known = np.flatnonzero(~np.isin(data.diagnosis, ["", "nan"]))
-    if not len(known):
-        raise InputError(p.participants, "no usable subject has a diagnosis to stratify by")
-    chosen = known[choose_subjects(data.subjects[known], data.diagnosis[known], p.subjects, p.seed)]
-    reader = _reader(p, model, data.rows[chosen], data.subjects[chosen])
-    kept, xs = [], []
-    for idx, _, x in _batches(reader, data.subjects[chosen], p.batch_size, report.failed):
-        kept.append(idx), xs.append(x)
-    if not xs:
-        raise InputError(p.store, "no subject could be read for attribution")
-    kept = np.concatenate(kept)
-    x = torch.cat(xs).to(model.mask.device)
-    subjects, diagnosis = data.subjects[chosen][kept], data.diagnosis[chosen][kept]
+    x, subjects, diagnosis = explained_subjects(p, model, data, report.failed)
     report.subjects = len(subjects)
     mask = model.mask.cpu().numpy() > 0
 

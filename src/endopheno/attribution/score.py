@@ -145,6 +145,8 @@ def below_randomised(scores) -> list[str]:
     model-parameter randomisation test of Adebayo et al. (2018) failed, so the map does not show what the
     model learned (on the phantom's `cnn3d`, Guided Grad-CAM, whose ReLU keeps only positive evidence of
     the AD logit while that network's evidence at the atrophy is negative: BENCHMARKS.md)."""
+    if "auc_randomised" not in scores:
+        return []
     rows = scores[np.isfinite(scores["auc"]) & np.isfinite(scores["auc_randomised"])
                   & (scores["auc"] <= scores["auc_randomised"])]
     return [f"{r.method}: its map finds the truth no better than on the randomised network (AUC {r.auc:.3f} against "

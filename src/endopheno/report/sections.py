@@ -129,7 +129,7 @@ def attribution(folder: Path, names: tuple[str, ...], figs: Figures) -> Section:
         frame = attribution_table(checks, scores)
         if frame is not None and len(frame):
             s.add(table(frame))
-        if scores is not None and "auc_randomised" in scores:
+        if scores is not None:
             for sentence in below_randomised(scores):
                 s.add(paragraph(f"Sanity check failed, {sentence}."))
         if checks is not None:
