@@ -78,6 +78,8 @@ def mlflow_run(experiment: str, run_name: str, *, uri: str | None = None, tags: 
     mlflow.set_tracking_uri(uri)
     found = mlflow.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else mlflow.create_experiment(experiment, artifact_location=artifacts)
+    if found and artifacts and found.artifact_location != artifacts and found.artifact_location.startswith("file:"):
+        _move_artifact_location(db, experiment_id, found.artifact_location, artifacts)
     if run_id is not None:
         try:
             mlflow.get_run(run_id)
@@ -86,3 +88,17 @@ def mlflow_run(experiment: str, run_name: str, *, uri: str | None = None, tags: 
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id, run_name=None if run_id else run_name,
                           tags={"git_revision": git_revision(), **(tags or {})}) as run:
         yield run
+
+
+def _move_artifact_location(db: Path, experiment_id: str, old: str, new: str) -> None:
+    """Point an experiment of a moved or copied project at the artifact folder beside its sqlite store.
+
+    MLflow records an experiment's artifact location as an absolute path and has no API to change it
+    (mlflow/mlflow#3144), so without this every new run of a copied project would write its models into
+    the original project's folder. Only new runs follow; what older runs recorded is found again by
+    `local_artifacts`."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (new, int(experiment_id)))
+    log.info("experiment %s: artifacts recorded at %s, now written beside %s (the project has moved)", experiment_id, old, db)
