@@ -654,6 +654,15 @@ def test_a_parcel_autoencoder_trains_registers_and_starts_its_parcels_inside_the
     assert (half_max_share(ward) > 0.95).all()   # started as Ward parcels of the training maps
     assert (half_max_share(load_model("endopheno.ae_ward_untrained", "1")) < 0.6).all()   # its untrained copy keeps the bumps
 
+    # A second training that does not beat the champion: the untrained champion stays the champion's twin
+    cli("train", "ae_ward", "--params", "params_parcels.yaml", "--epochs", "1", cwd=project, check=0)
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("endopheno.ae_ward", "champion")
+    twin = client.get_model_version_by_alias("endopheno.ae_ward_untrained", "champion")
+    assert str(champion.version) == "1", "the one-epoch version was expected to reconstruct worse"
+    assert str(twin.version) == "1" and twin.tags["trained_version"] == "1" and twin.tags["training_run"] == champion.tags["training_run"]
+    assert client.get_model_version("endopheno.ae_ward_untrained", "2").tags["trained_version"] == "2"
+
 
 def test_bilateral_maps_mirror_about_the_midline_not_the_grid_centre():
     from endopheno.errors import InputError

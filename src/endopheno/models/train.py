@@ -722,10 +722,13 @@ class Trainer:
         report.champion = set_champion(f"{REGISTRY_PREFIX}{self.spec.name}", report.version, metric, higher)
         if self.spec.task == "reconstruction":
             # The untrained baseline, registered beside it: its features must be beaten to be worth anything.
+            # Its champion follows the trained one's, so that the two champions are always one training run's pair.
             untrained = self.volume_model(untrained, norm, scale, effects)
-            version = register(untrained, f"{REGISTRY_PREFIX}{self.spec.name}_untrained", report, self.spec, self.p,
-                               untrained=True)
-            set_champion(f"{REGISTRY_PREFIX}{self.spec.name}_untrained", version, None, True)
+            twin = f"{REGISTRY_PREFIX}{self.spec.name}_untrained"
+            version = register(untrained, twin, report, self.spec, self.p, untrained=True)
+            mlflow.MlflowClient().set_model_version_tag(twin, version, "trained_version", report.version)
+            if report.champion:
+                set_champion(twin, version, None, True)
 
     def independent_basis(self, nets, split: Split, norm, effects: torch.Tensor | None) -> None:
         """Give the latent of each of `nets` independent-component axes, fitted on the final model's
