@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from conftest import cli
 
 
@@ -18,6 +20,11 @@ def test_user_errors_are_one_line(tmp_path):
         (["ingest", "--store", str(tmp_path / "v.zarr"), "--manifest", str(tmp_path / "nope.csv")], "no such manifest"),
         (["preprocess", "--store", str(tmp_path / "empty.zarr")], "not a volume store"),
         (["phantom", "--out", str(tmp_path / "p"), "--subjects", "1"], "at least 2 subjects"),
+    ]
+    params = str(Path(__file__).parents[1] / "params.yaml")
+    cases += [
+        (["train", "nosuch", "--epochs", "1", "--params", params], "nosuch: no such model"),
+        (["train", "cnn3d", "--folds", "1", "--params", params], "folds 1: cross-validation needs at least 2"),
     ]
     (tmp_path / "cols.csv").write_text("subject,file\na,b\n")
     cases.append((["ingest", "--store", str(tmp_path / "v.zarr"), "--manifest", str(tmp_path / "cols.csv")], "missing column(s) path, subject_id"))

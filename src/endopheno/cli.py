@@ -506,10 +506,12 @@ def train(
     from endopheno.params import load_params
 
     p = load_train_params(load_params("train", params))
-    p = replace(p, **{k: v for k, v in {"folds": folds, "device": device}.items() if v is not None})
-    if epochs is not None:
-        p = replace(p, models={**p.models, model: {**p.models.get(model, {}), "epochs": epochs}})
     model_spec(p, model)   # unknown names fail before any volume is read
+    p = replace(p, device=device or p.device)
+    # on the model's own entry, which a model's `folds` or `epochs` would otherwise override
+    overrides = {k: v for k, v in {"folds": folds, "epochs": epochs}.items() if v is not None}
+    p = replace(p, models={**p.models, model: {**p.models[model], **overrides}})
+    model_spec(p, model)   # and the values given here
     t0 = time.perf_counter()
     report = train_model(p, model)
     if report.excluded:

@@ -137,6 +137,10 @@ def model_spec(p: TrainParams, name: str) -> ModelSpec:
         raise InputError(f"train.models.{name}", f"parcels {spec.parcels!r}: bumps or ward")
     if spec.target in spec.covariates and spec.task != "reconstruction":
         raise InputError(f"train.models.{name}.covariates", f"holds the model's target {spec.target!r}")
+    folds = spec.folds if spec.folds is not None else p.folds
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise InputError(f"train.models.{name}", f"folds {folds!r}: cross-validation needs at least 2 (the model on "
+                                                 "every subject is train.final_model)")
     return ModelSpec(**{**asdict(spec), "inputs": tuple(spec.inputs), "covariates": tuple(spec.covariates)})
 
 
