@@ -158,6 +158,25 @@ def test_fit_resumes_from_its_checkpoint_and_is_deterministic(tmp_path):
     assert resumed.epochs == 4 and len(resumed.history) == 4
     assert [h["train_loss"] for h in resumed.history[:2]] == [h["train_loss"] for h in first.history]
 
+    # interrupted after epoch 2 of 4 and rerun: the same epochs, the same weights as without the interruption
+    def crash(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    torch.manual_seed(5)
+    loader.generator.manual_seed(1)
+    with pytest.raises(KeyboardInterrupt):
+        fit(build("cnn3d", (8, 8, 8), 1, 2, **spec.options), loader, loader, task="classification", spec=spec, epochs=4,
+            device=torch.device("cpu"), amp=False, mask=torch.ones(8, 8, 8, dtype=torch.bool), checkpoint=tmp_path / "c.pt",
+            on_epoch=crash)
+    loader.generator.manual_seed(123)   # a fresh process would not have the interrupted one's generator state either
+    torch.manual_seed(5)
+    net_resumed = build("cnn3d", (8, 8, 8), 1, 2, **spec.options)
+    again = fit(net_resumed, loader, loader, task="classification", spec=spec, epochs=4, device=torch.device("cpu"), amp=False,
+                mask=torch.ones(8, 8, 8, dtype=torch.bool), checkpoint=tmp_path / "c.pt")
+    assert [h["train_loss"] for h in again.history] == [h["train_loss"] for h in straight.history]
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), net_resumed.state_dict().values()))
+
 
 def test_training_from_memory_is_training_from_zarr(project):
     """`in_memory` changes where the epochs read the maps, not what a fold learns."""

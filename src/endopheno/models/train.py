@@ -221,6 +221,8 @@ def fit(net: torch.nn.Module, train: torch.utils.data.DataLoader, validation: to
             for _ in range(min(state["epoch"] * len(train), total_steps - 1)):
                 schedule.step()
         torch.set_rng_state(state["rng"])
+        for generator, saved in zip(_generators(train), state.get("generators", [])):
+            generator.set_state(saved)
         log.info("%s: resumed after epoch %d", label, state["epoch"])
     autocast = dict(device_type=device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=amp)
     columns = [TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("epoch {task.completed}/{task.total}"),
@@ -259,13 +261,22 @@ def fit(net: torch.nn.Module, train: torch.utils.data.DataLoader, validation: to
             else:
                 state["bad"] += 1
             if checkpoint is not None:
-                _save_atomic({**state, "net": net.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()}, checkpoint)
+                _save_atomic({**state, "net": net.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state(),
+                              "generators": [g.get_state() for g in _generators(train)]}, checkpoint)
             if on_epoch:
                 on_epoch(record)
             bar.update(job, completed=state["epoch"], loss=record["train_loss"], val=val, rate=record["volumes_per_s"])
     net.load_state_dict(state["best"])
     net.to(memory_format=torch.contiguous_format)  # the registered model holds ordinary tensors
     return FitResult(state["best_epoch"], state["best_loss"], state["epoch"], state["samples"], state["seconds"], state["history"])
+
+
+def _generators(loader: torch.utils.data.DataLoader) -> list[torch.Generator]:
+    """The generators that decide an epoch's order (the sampler's) and its worker seeds (the loader's):
+    restored with a checkpoint, so that a resumed training sees the epochs an uninterrupted one would.
+    (Augmentations drawn in persistent worker processes are not restored: the resumed epochs draw anew.)"""
+    found = [loader.generator, getattr(loader.sampler, "generator", None)]
+    return list({id(g): g for g in found if g is not None}.values())
 
 
 def _mixup(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
