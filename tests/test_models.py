@@ -114,6 +114,21 @@ def test_folds_group_sessions_and_a_leaky_split_fails(tmp_path):
             check_split(s, data.groups)
 
 
+def test_a_rare_diagnosis_is_pooled_for_reconstruction_and_named_for_classification():
+    from endopheno.errors import EndophenoError
+    from endopheno.models.splits import outer_folds, pooled_strata
+
+    groups = np.array([f"s{i}" for i in range(40)])
+    strata = np.array([0] * 20 + [1] * 18 + [2, 3])          # CN, AD, one MCI, one not in participants.tsv
+    with pytest.raises(EndophenoError, match="stratum 2 has 1"):
+        outer_folds(groups, strata, folds=2)
+    pooled = pooled_strata(strata, 2)
+    assert (pooled[:38] == strata[:38]).all() and pooled[38] == pooled[39] not in (0, 1)
+    assert sorted(np.concatenate([s.test for s in outer_folds(groups, pooled, folds=2)])) == list(range(40))
+    alone = pooled_strata(np.array([0] * 20 + [1] * 19 + [2]), 2)   # a pool still too small joins the largest stratum
+    assert alone[-1] == 0 and set(alone) == {0, 1}
+
+
 def test_grid_affine_puts_pooled_voxels_at_the_centre_of_their_block():
     from endopheno.models.data import pool
     from endopheno.models.volume_model import model_grid_affine

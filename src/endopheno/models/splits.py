@@ -33,15 +33,31 @@ class Split:
     test: np.ndarray
 
 
+def pooled_strata(strata: np.ndarray, minimum: int) -> np.ndarray:
+    """`strata` with every stratum of fewer than `minimum` subjects pooled into one (and that one, if still
+    too small, into the largest). For a model that stratifies only to balance its folds (reconstruction, by
+    diagnosis) a rare label, such as three MCI subjects among CN and AD or a scan missing from
+    participants.tsv, must not stop the run; a classifier's classes are never pooled."""
+    labels, counts = np.unique(strata, return_counts=True)
+    small = np.isin(strata, labels[counts < minimum])
+    if not small.any():
+        return strata
+    pooled = np.where(small, labels.max() + 1, strata)
+    if small.sum() < minimum:
+        pooled[small] = labels[np.argmax(np.where(counts < minimum, -1, counts))]
+    return pooled
+
+
 def outer_folds(groups: np.ndarray, strata: np.ndarray, *, folds: int = 5, validation_fraction: float = 0.2,
                 seed: int = 0) -> list[Split]:
     """`folds` outer folds; inside each, about `validation_fraction` of the remaining participants
     become the validation set (itself grouped and stratified). ``folds=1`` is no cross-validation:
     every subject trains or validates (the final model)."""
     index = np.arange(len(groups))
-    smallest = int(np.bincount(np.unique(strata, return_inverse=True)[1]).min())
-    if folds > smallest:
-        raise EndophenoError(f"{folds} folds need at least {folds} subjects in every class or stratum; the smallest has {smallest}")
+    labels, counts = np.unique(strata, return_counts=True)
+    if folds > counts.min():
+        raise EndophenoError(f"{folds} folds need at least {folds} subjects in every class or stratum; class or stratum "
+                             f"{labels[counts.argmin()]} has {counts.min()}")
     if folds == 1:
         outer = [(index, index[:0])]
     else:

@@ -44,7 +44,7 @@ from endopheno.models.architectures import build, layout_of, parcel_centres_in, 
 from endopheno.models.basis import fold_into, independent_components
 from endopheno.models.data import (TaskData, VolumeDataset, adjusted, augmentation, brain_mask, covariate_design, covariate_effects,
                                    filtered, fit_normalisation, midline_of, participant_table, pool_factor, task_data)
-from endopheno.models.splits import Split, check_normalisation, check_split, outer_folds
+from endopheno.models.splits import Split, check_normalisation, check_split, outer_folds, pooled_strata
 from endopheno.models.volume_model import VolumeModel, model_grid_affine
 from endopheno.params import from_section
 
@@ -415,6 +415,8 @@ class Trainer:
         self.digest = volume_store_digest(ds)
         self.data: TaskData = task_data(ds, p.participants, spec.task, target=spec.target, classes=p.classes,
                                         covariates=spec.covariates)
+        if spec.task == "reconstruction":
+            self.data = replace(self.data, strata=pooled_strata(self.data.strata, self.p.folds))
         self.design, self.levels = covariate_design(participant_table(p.participants).loc[self.data.groups], spec.covariates) \
             if spec.covariates else (np.zeros((len(self.data), 0)), {})
         store_mm = float(abs(np.asarray(ds.attrs["affine"])[0, 0]))
