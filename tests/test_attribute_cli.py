@@ -126,6 +126,9 @@ def test_cnn3d_maps_in_mni_space_checks_and_scores_beside_the_svm_pattern(projec
     assert scores.auc.between(0, 1).all()
     heat = scores[scores.method != "svm_haufe"]
     assert (heat.auc_se > 0).all() and (heat.auc_se < 0.5).all() and pd.isna(scores.auc_se.iloc[-1])
+    # the randomisation check's two AUCs, over the same first 4 subjects
+    assert heat.auc_randomised.between(0, 1).all() and heat.auc_on_control_subjects.between(0, 1).all()
+    assert pd.isna(scores.auc_on_control_subjects.iloc[-1])
     checks = pd.read_csv(out / "checks.tsv", sep="\t").set_index("method")
     assert list(checks.status) == ["ok"] * 4
     assert checks.completeness_max["integrated_gradients"] < 0.05

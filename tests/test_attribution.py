@@ -378,6 +378,9 @@ def test_a_method_no_better_than_on_the_randomised_network_is_named():
     named = below_randomised(scores)
     assert [s.split(":")[0] for s in named] == ["guided_gradcam", "occlusion"]   # a tie passes no test either
     assert "0.366 against 0.712" in named[0]
+    # compared on the control's subjects when the table has the model's AUC over them
+    scores["auc_on_control_subjects"] = [0.69, 0.72, 0.71, np.nan]
+    assert [s.split(":")[0] for s in below_randomised(scores)] == ["integrated_gradients"]
 
 
 def test_jackknife_error_of_a_group_maps_auc_matches_the_spread_over_draws():

@@ -17,7 +17,8 @@ the registry and reads the volume store as extraction does (`VolumeDataset` at t
   with its true affine): the positive group's map of each method scored against ``|truth| >
   truth_threshold`` (`score_map`: Dice at the top 1/5/10 %, ROC AUC, Pearson r with |truth|), beside
   the AUC's jackknife standard error over the subjects averaged (``auc_se``), the
-  randomised model's AUC and the baseline row ``svm_haufe``: the activation pattern (Haufe et al.
+  randomised model's AUC over the first `randomisation_subjects` subjects beside the model's over the same
+  ones (``auc_on_control_subjects``: what the randomisation check compares) and the baseline row ``svm_haufe``: the activation pattern (Haufe et al.
   2014) of a linear SVM fitted on the cohort's voxels (``scores.tsv``).
 - For an autoencoder: the latent-to-region table (`endopheno.attribution.regions`) over the region atlas
   of `regions`, as ``latent_regions.parquet`` (the catalog's ``attribution.latent_regions`` view).
@@ -416,8 +417,11 @@ def _heatmaps(p: AttributeParams, model: VolumeModel, label: str, ds, out: Path,
             control = _maps(randomised, x[:n_random], method, {**kwargs, "tolerance": math.inf}, p.batch_size)
             rho = [rank_correlation(a, b, mask, absolute=True) for a, b in zip(maps[:n_random], control)]
             result.randomisation_rank_correlation = float(np.nanmedian(rho)) if np.isfinite(rho).any() else math.nan
+            # Compared on the same subjects: the model's own map over them as well as the control's
             members = groups[positive][:n_random]
-            group_maps[f"{method}.randomised"] = group_average(control, members if members.any() else None)
+            members = members if members.any() else None
+            group_maps[f"{method}.randomised"] = group_average(control, members)
+            group_maps[f"{method}.control_subjects"] = group_average(maps[:n_random], members)
         report.methods.append(result)
         for group, members in groups.items():
             if not members.any():
@@ -448,9 +452,10 @@ def _heatmaps(p: AttributeParams, model: VolumeModel, label: str, ds, out: Path,
             continue
         s = score_map(group_maps[r.method], scored, mask, binary_truth=True, threshold=p.truth_threshold)
         s["auc_se"] = jackknife_auc_se(positive_maps[r.method], scored, mask, threshold=p.truth_threshold)
-        control = group_maps.get(f"{r.method}.randomised")
-        s["auc_randomised"] = (score_map(control, scored, mask, binary_truth=True, threshold=p.truth_threshold)["auc"]
-                               if control is not None else math.nan)
+        for column, key in (("auc_randomised", "randomised"), ("auc_on_control_subjects", "control_subjects")):
+            control = group_maps.get(f"{r.method}.{key}")
+            s[column] = (score_map(control, scored, mask, binary_truth=True, threshold=p.truth_threshold)["auc"]
+                         if control is not None else math.nan)
         rows.append({"method": r.method, **s})
     try:
         rows.append({"method": SVM_ROW, **_svm_scores(p, model, ds, out, scored, mask, background, label, report)})
@@ -486,7 +491,7 @@ def _svm_scores(p, model, ds, out, scored, mask, background, label, report) -> d
     report.notes.append(f"SVM baseline: C {c:g} chosen by 3-fold CV (balanced accuracy {accuracy:.3f}), fitted on "
                         f"{len(target)} subjects")
     return {**score_map(volume, scored, mask, binary_truth=True, threshold=p.truth_threshold),
-            "auc_randomised": math.nan}
+            "auc_randomised": math.nan, "auc_on_control_subjects": math.nan}
 
 
 def _latent_regions(p: AttributeParams, model: VolumeModel, name: str, version: str, ds, out: Path,

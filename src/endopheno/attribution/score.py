@@ -140,17 +140,19 @@ def jackknife_auc_se(maps, truth, mask, *, threshold: float = 0.0, signed: bool 
 
 
 def below_randomised(scores) -> list[str]:
-    """One sentence per method of a ``scores.tsv`` table (columns ``method``, ``auc``, ``auc_randomised``)
-    whose map finds the truth no better than the same method on the randomised network: the
+    """One sentence per method of a ``scores.tsv`` table (columns ``method``, ``auc_randomised`` and
+    ``auc_on_control_subjects``, or ``auc`` where a table lacks that) whose map finds the truth no better
+    than the same method on the randomised network, both averaged over the same subjects: the
     model-parameter randomisation test of Adebayo et al. (2018) failed, so the map does not show what the
     model learned (on the phantom's `cnn3d`, Guided Grad-CAM, whose ReLU keeps only positive evidence of
     the AD logit while that network's evidence at the atrophy is negative: BENCHMARKS.md)."""
     if "auc_randomised" not in scores:
         return []
-    rows = scores[np.isfinite(scores["auc"]) & np.isfinite(scores["auc_randomised"])
-                  & (scores["auc"] <= scores["auc_randomised"])]
-    return [f"{r.method}: its map finds the truth no better than on the randomised network (AUC {r.auc:.3f} against "
-            f"{r.auc_randomised:.3f}), so it does not show what this model learned" for r in rows.itertuples()]
+    model = scores["auc_on_control_subjects"] if "auc_on_control_subjects" in scores else scores["auc"]
+    failed = np.isfinite(model) & np.isfinite(scores["auc_randomised"]) & (model <= scores["auc_randomised"])
+    return [f"{method}: its map finds the truth no better than on the randomised network (AUC {auc:.3f} against "
+            f"{control:.3f} on the same subjects), so it does not show what this model learned"
+            for method, auc, control in zip(scores["method"][failed], model[failed], scores["auc_randomised"][failed])]
 
 
 def haufe_pattern(weights, X) -> np.ndarray:
