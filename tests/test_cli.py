@@ -20,6 +20,8 @@ def test_user_errors_are_one_line(tmp_path):
         (["ingest", "--store", str(tmp_path / "v.zarr"), "--manifest", str(tmp_path / "nope.csv")], "no such manifest"),
         (["preprocess", "--store", str(tmp_path / "empty.zarr")], "not a volume store"),
         (["phantom", "--out", str(tmp_path / "p"), "--subjects", "1"], "at least 2 subjects"),
+        (["ingest", "--store", __file__, "--manifest", str(tmp_path / "one.csv")], "a file, not a volume store"),
+        (["sql", "SELECT 1", "--format", "csv", "--out", str(tmp_path / "no" / "x.csv")], "its folder does not exist"),
     ]
     params = str(Path(__file__).parents[1] / "params.yaml")
     cases += [
@@ -27,6 +29,7 @@ def test_user_errors_are_one_line(tmp_path):
         (["train", "cnn3d", "--folds", "1", "--params", params], "folds 1: cross-validation needs at least 2"),
     ]
     (tmp_path / "cols.csv").write_text("subject,file\na,b\n")
+    (tmp_path / "one.csv").write_text("subject_id,path\na,a.nii.gz\n")
     cases.append((["ingest", "--store", str(tmp_path / "v.zarr"), "--manifest", str(tmp_path / "cols.csv")], "missing column(s) path, subject_id"))
     for args, words in cases:
         proc = cli(*args)

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from endopheno.errors import EndophenoError
+from endopheno.errors import EndophenoError, InputError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="endopheno: a versioned feature store for imaging genetics.")
@@ -421,6 +421,8 @@ def sql(
         raise EndophenoError(f"sql: --format {fmt}: use table, csv, json or parquet")
     if fmt == "parquet" and out is None:
         raise EndophenoError("sql: --format parquet needs --out FILE")
+    if out is not None and not out.parent.is_dir():
+        raise InputError(out, "its folder does not exist")
     con = connect(catalog or _catalog_params(params).path)
     if as_of:
         chosen = as_of_views(con, as_of)

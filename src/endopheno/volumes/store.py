@@ -60,6 +60,8 @@ class ScanKey:
 def open_store(path: str | Path, mode: str = "a") -> zarr.Group:
     """Open (or create, with mode "a") the volume store's root group."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise EndophenoError(f"{path}: a file, not a volume store (a folder)")
     if mode in ("r", "r+") and not (path / "zarr.json").exists():
         raise EndophenoError(f"{path}: not a volume store (run `endopheno ingest` first)")
     root = zarr.open_group(str(path), mode=mode, zarr_format=3, use_consolidated=False)
