@@ -282,7 +282,7 @@ def validate(
         raise EndophenoError("validate: params.yaml validate needs causal (the planted variants) and feature_sets")
     record = validate_chain(p.gwas, p.feature_sets, p.causal, out or p.out, p.window_kb)
     rows = [{"feature set": name, "planted loci found": f"{s['found']} of {s['planted']}", "false loci": s["false_loci"],
-             "λGC (median)": f"{s['lambda_gc_median']:.3f}", "phenotypes": s["phenotypes"],
+             "λGC (median)": "" if s["lambda_gc_median"] is None else f"{s['lambda_gc_median']:.3f}", "phenotypes": s["phenotypes"],
              "study-wide p": f"{s['study_wide_threshold']:.1e}"} for name, s in record["feature_sets"].items()]
     if rows:
         _print_table(pa.Table.from_pylist(rows), "the chain against the planted truth")
