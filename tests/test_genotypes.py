@@ -198,6 +198,32 @@ def test_bed_and_pgen_give_the_same_store(planted, tmp_path):
     assert qa == qb
 
 
+def _dosage_pgen(tmp_path: Path, dosage: np.ndarray) -> Path:
+    """A .pgen of these (variants × samples) dosages (NaN = missing), made by plink2 --import-dosage."""
+    m, n = dosage.shape
+    lines = ["SNP A1 A2 " + " ".join(f"s{j} s{j}" for j in range(n))]
+    lines += [f"v{i} A G " + " ".join("NA" if np.isnan(x) else f"{x}" for x in row) for i, row in enumerate(dosage)]
+    (tmp_path / "d.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "d.fam").write_text("".join(f"s{j} s{j} 0 0 1 -9\n" for j in range(n)))
+    (tmp_path / "d.map").write_text("".join(f"1 v{i} 0 {1000 * i + 1}\n" for i in range(m)))
+    return _plink("--import-dosage", str(tmp_path / "d.txt"), "format=1", "--psam", str(tmp_path / "d.fam"), "--map",
+                  str(tmp_path / "d.map"), "--make-pgen", out=tmp_path / "dp")
+
+
+@needs_plink2
+def test_fractional_dosages_after_the_first_thousand_variants_are_kept(tmp_path):
+    """Only variant 1000 of 1001 holds fractional dosages: the store keeps them, and so does a direct read."""
+    rng = np.random.default_rng(6)
+    dosage = rng.binomial(2, 0.4, (1001, 10)).astype(float)
+    dosage[1000] = [0.25, 1.5, 0.75, 1.0, 2.0, 0.5, 1.25, 0.0, 1.75, 0.125]
+    pfile = _dosage_pgen(tmp_path, dosage)
+    np.testing.assert_allclose(PgenSource(pfile).read(1000, 1001)[0], dosage[1000], atol=1e-4)
+    import_genotypes(PgenSource(pfile), tmp_path / "store", ImportParams(qc=NO_QC, pca=PCAParams(pcs=1)))
+    arr = zarr.open_array(str(tmp_path / "store" / "dosages.zarr"), mode="r")
+    assert arr.dtype == np.float32
+    np.testing.assert_allclose(arr[:], dosage, atol=1e-4)
+
+
 @needs_plink2
 def test_dosages_are_stored_as_float_and_agree_with_plink2(tmp_path):
     rng = np.random.default_rng(4)
@@ -205,13 +231,7 @@ def test_dosages_are_stored_as_float_and_agree_with_plink2(tmp_path):
     dosage = rng.uniform(0, 2, (m, n)).round(3)
     dosage[:, ::3] = rng.binomial(2, 0.4, (m, len(range(0, n, 3))))  # some hard calls among the dosages
     dosage[rng.random((m, n)) < 0.05] = np.nan
-    lines = ["SNP A1 A2 " + " ".join(f"s{j} s{j}" for j in range(n))]
-    lines += [f"v{i} A G " + " ".join("NA" if np.isnan(x) else f"{x}" for x in row) for i, row in enumerate(dosage)]
-    (tmp_path / "d.txt").write_text("\n".join(lines) + "\n")
-    (tmp_path / "d.fam").write_text("".join(f"s{j} s{j} 0 0 1 -9\n" for j in range(n)))
-    (tmp_path / "d.map").write_text("".join(f"1 v{i} 0 {1000 * i + 1}\n" for i in range(m)))
-    pfile = _plink("--import-dosage", str(tmp_path / "d.txt"), "format=1", "--psam", str(tmp_path / "d.fam"), "--map",
-                   str(tmp_path / "d.map"), "--make-pgen", out=tmp_path / "dp")
+    pfile = _dosage_pgen(tmp_path, dosage)
     import_genotypes(PgenSource(pfile), tmp_path / "store", ImportParams(qc=NO_QC, pca=PCAParams(pcs=2)))
     arr = zarr.open_array(str(tmp_path / "store" / "dosages.zarr"), mode="r")
     assert arr.dtype == np.float32
@@ -221,6 +241,55 @@ def test_dosages_are_stored_as_float_and_agree_with_plink2(tmp_path):
     p = _plink("--pfile", str(pfile), "--freq", "--hardy", out=tmp_path / "plink")
     np.testing.assert_allclose(variants["a1_freq"], _table(p.with_suffix(".afreq"))["ALT_FREQS"], rtol=1e-5)
     np.testing.assert_allclose(variants["hwe_p"], _table(p.with_suffix(".hardy"))["P"], rtol=1e-5)  # on hard calls
+
+
+@needs_plink2
+def test_fam_with_na_phenotype_and_letter_sex_codes_reads_as_plink2_reads_it(planted, tmp_path):
+    """'NA' in the .fam's phenotype column is a value (missing), not a missing column; sex U (or any other
+    code) is unknown, M/F count as male/female, as plink2 reads them."""
+    prefix, _, _ = planted
+    copy = tmp_path / "x"
+    for ext in (".bed", ".bim"):
+        shutil.copy(f"{prefix}{ext}", f"{copy}{ext}")
+    codes = ["1", "2", "U", "M", "F", "m", "f", "0", "NA", "9"]
+    fam = pd.read_csv(f"{prefix}.fam", sep=r"\s+", header=None)
+    fam[4] = np.resize(codes, len(fam))
+    fam[5] = "NA"
+    fam.to_csv(f"{copy}.fam", sep=" ", header=False, index=False)
+    bed = BedSource(copy)
+    assert list(bed.samples["sex"][:len(codes)]) == [1, 2, 0, 1, 2, 1, 2, 0, 0, 0]
+    psam = _table(_plink("--bfile", str(copy), "--make-just-psam", out=tmp_path / "plink").with_suffix(".psam"))
+    assert list(bed.samples["sex"]) == list(psam["SEX"].fillna(0).astype(int))
+    Path(f"{copy}.fam").write_text("a a 0 0 1 NA\nb b 0 0\n")
+    with pytest.raises(InputError, match="line 2 has fewer than 6 columns"):
+        BedSource(copy)
+
+
+@needs_plink2
+def test_chromosome_y_counts_only_males_calls_as_plink2_does(tmp_path):
+    """Females have no chrY call: plink2's call rates count chrY for males only, so neither the chrY
+    variants (--geno) nor the females (--mind) fail for it; a female's stray chrY call is not counted."""
+    rng = np.random.default_rng(9)
+    n, m = 100, 12
+    sex = np.tile([1, 2], n // 2)
+    sex[:2] = 0                                                  # unknown: not a male, as in plink2
+    calls = rng.binomial(2, 0.3, (n, m)).astype(np.float32)
+    calls[[7, 8, 9], [3, 11, 4]] = np.nan                        # a few missing calls (s8 is a male)
+    calls[sex != 1, 10:] = np.nan                                # chrY: no call for non-males...
+    calls[5, 10] = 2                                             # ...but one stray call of a female
+    iid = [f"s{i}" for i in range(n)]
+    to_bed(tmp_path / "y.bed", calls, count_A1=True, properties={
+        "fid": iid, "iid": iid, "sex": sex, "sid": [f"v{i}" for i in range(m)], "chromosome": ["1"] * 10 + ["Y"] * 2,
+        "bp_position": np.arange(1, m + 1) * 1000, "allele_1": ["A"] * m, "allele_2": ["G"] * m})
+    report = import_genotypes(BedSource(tmp_path / "y"), tmp_path / "store",
+                              ImportParams(qc=QCParams(hwe_p=None, min_maf=None, min_mac=None), pca=PCAParams(pcs=1)))
+    assert (report.samples, report.variants) == (n, m)  # nothing fails --mind or --geno for chrY
+    p = _plink("--bfile", str(tmp_path / "y"), "--missing", "--freq", out=tmp_path / "plink")
+    variants = pd.read_parquet(tmp_path / "store" / "variants.parquet")
+    np.testing.assert_allclose(variants["call_rate"], 1 - _table(p.with_suffix(".vmiss"))["F_MISS"])
+    np.testing.assert_allclose(variants["a1_freq"], _table(p.with_suffix(".afreq"))["ALT_FREQS"], rtol=1e-5)
+    samples = pd.read_parquet(tmp_path / "store" / "samples.parquet")
+    np.testing.assert_allclose(samples["call_rate"], 1 - _table(p.with_suffix(".smiss"))["F_MISS"])
 
 
 def test_digest_is_deterministic_and_tracks_params_and_content(planted, tmp_path):

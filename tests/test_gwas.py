@@ -126,30 +126,125 @@ def test_untestable_variants_are_reported_not_invented():
     assert np.isnan(r.beta[1:]).all() and np.isnan(r.p[1:]).all()
 
 
+def plink2_glm(bfile, pheno, covar, out, *modifiers):
+    """plink2 --glm hide-covar omit-ref [MODIFIERS] (allow-no-covars without `covar`); returns `out`."""
+    covar_args = ["--covar", covar] if covar is not None else []
+    glm = ["hide-covar", "omit-ref", *modifiers, *([] if covar is not None else ["allow-no-covars"])]
+    subprocess.run([PLINK2, "--bfile", bfile, "--pheno", pheno, *covar_args, "--glm", *glm, "--threads", "1",
+                    "--out", out], check=True, capture_output=True)
+    return out
+
+
+def write_fileset(folder, g: np.ndarray, *, chrom=None, ids=None, pos=None, sex=None) -> list[str]:
+    """Write (samples × variants) allele counts, NaN = missing, as FOLDER/t.bed/.bim/.fam (chromosome 1,
+    IDs v0.., positions 1000, 2000, .. unless given); returns the sample IDs s0, s1, .."""
+    from bed_reader import to_bed
+
+    n, m = g.shape
+    iid = [f"s{i}" for i in range(n)]
+    properties = {"fid": iid, "iid": iid, "sid": [f"v{i}" for i in range(m)] if ids is None else ids,
+                  "chromosome": ["1"] * m if chrom is None else chrom,
+                  "bp_position": np.arange(1, m + 1) * 1000 if pos is None else pos,
+                  "allele_1": ["A"] * m, "allele_2": ["G"] * m, **({} if sex is None else {"sex": sex})}
+    to_bed(folder / "t.bed", g, count_A1=True, properties=properties)
+    return iid
+
+
+def write_table(path, iid: list[str], **columns) -> None:
+    """A PLINK 2 phenotype/covariate table: #FID, IID (both `iid`), then `columns`; NA = missing."""
+    pd.DataFrame({"#FID": iid, "IID": iid, **columns}).to_csv(path, sep="\t", index=False, na_rep="NA")
+
+
 def read_plink(prefix, name):
     return pd.read_csv(f"{prefix}.{name}.glm.linear", sep="\t")
+
+
+def assert_matches_plink2(ours: pd.DataFrame, plink: pd.DataFrame, variants: int) -> pd.DataFrame:
+    """Our results of one phenotype against plink2's: same rows, A1 and OBS_CT; BETA and SE within 1e-5
+    relative, |Δ log10 p| ≤ 1e-5 (plink2 prints 6 digits). Returns the merged table."""
+    both = ours.merge(plink, left_on="id", right_on="ID", validate="1:1")
+    assert len(both) == variants
+    assert (both.a1 == both.A1).all() and (both.n == both.OBS_CT).all()
+    assert np.max(np.abs(both.beta - both.BETA) / np.abs(both.BETA)) < 1e-5
+    assert np.max(np.abs(both.se - both.SE) / both.SE) < 1e-5
+    assert np.max(np.abs(both.log10_p + np.log10(both.P))) < 1e-5
+    return both
+
+
+@needs_plink2
+def test_variant_whose_missing_calls_make_a_covariate_constant_is_not_tested(tmp_path):
+    """Site B's three samples lack a call of v0: on its called samples site is constant, so the model has no
+    unique fit (plink2: NA, VIF_INFINITE). v1 lacks two of the three: fine, and as plink2 computes it."""
+    rng = np.random.default_rng(1)
+    n, m = 80, 6
+    g = rng.binomial(2, 0.3, (n, m)).astype(np.float32)
+    site = np.zeros(n)
+    site[:3] = 1
+    g[:3, 0] = np.nan
+    g[:2, 1] = np.nan
+    iid = write_fileset(tmp_path, g)
+    write_table(tmp_path / "y.tsv", iid, y=rng.normal(size=n) + 2 * site)
+    write_table(tmp_path / "c.tsv", iid, site=site, age=rng.normal(size=n))
+    plink2_glm(tmp_path / "t", tmp_path / "y.tsv", tmp_path / "c.tsv", tmp_path / "plink")
+    plink = read_plink(tmp_path / "plink", "y")
+    assert plink.ERRCODE[0] == "VIF_INFINITE"
+    bed = BedSource(tmp_path / "t")
+    summary = scan(bed, align(read_table(tmp_path / "y.tsv"), bed.samples),
+                   align(read_table(tmp_path / "c.tsv", kind="covariate"), bed.samples), tmp_path / "out",
+                   GwasOptions(workers=1))
+    ours = pq.read_table(tmp_path / "out" / "results").to_pandas().sort_values("variant", ignore_index=True)
+    assert ours.reason[0] == "covariates constant or collinear on the samples with a call"
+    assert np.isnan(ours.loc[0, ["beta", "se", "p"]].to_numpy(float)).all() and ours.n[0] == plink.OBS_CT[0]
+    assert summary.untested == {ours.reason[0]: 1}
+    assert_matches_plink2(ours[1:], plink[1:], m - 1)
+
+
+@needs_plink2
+def test_sex_chromosomes_are_modelled_as_plink2_models_them(tmp_path):
+    """chrX: sex is a covariate and samples of unknown sex are left out; chrY: males only; autosomes as
+    ever — blocks never mix them. The numbers are plink2's, and so are the lead models' samples."""
+    from endopheno.gwas.results import lead_models
+
+    rng = np.random.default_rng(2)
+    n = 200
+    sex = np.tile([1, 2], n // 2)
+    sex[:6] = 0
+    chrom = ["1"] * 4 + ["X"] * 5 + ["Y"] * 3 + ["2"] * 2
+    g = rng.binomial(2, 0.3, (n, len(chrom))).astype(np.float32)
+    haploid = np.array([c in "XY" for c in chrom])
+    g[np.ix_(sex == 1, haploid)] = 2 * rng.binomial(1, 0.3, ((sex == 1).sum(), haploid.sum()))  # males: 0 or 2
+    g[np.ix_(sex != 1, np.array(chrom) == "Y")] = np.nan
+    g[rng.random(g.shape) < 0.02] = np.nan
+    iid = write_fileset(tmp_path, g, chrom=chrom, sex=sex)
+    y = rng.normal(size=n) + 0.8 * np.nan_to_num(g[:, 4]) + 0.5 * (sex == 2)
+    write_table(tmp_path / "y.tsv", iid, y=y)
+    write_table(tmp_path / "c.tsv", iid, age=rng.normal(size=n))
+    plink2_glm(tmp_path / "t", tmp_path / "y.tsv", tmp_path / "c.tsv", tmp_path / "plink", "cols=+a1freq")
+    bed = BedSource(tmp_path / "t")
+    pheno = align(read_table(tmp_path / "y.tsv"), bed.samples)
+    covar = align(read_table(tmp_path / "c.tsv", kind="covariate"), bed.samples)
+    scan(bed, pheno, covar, tmp_path / "out", GwasOptions(workers=1, block_variants=3))
+    ours = pq.read_table(tmp_path / "out" / "results").to_pandas()
+    both = assert_matches_plink2(ours, read_plink(tmp_path / "plink", "y"), len(chrom))
+    np.testing.assert_allclose(both.a1_freq, both.A1_FREQ, rtol=1e-5)  # chrY's haploid too
+    assert both.n[both.chrom == "Y"].max() <= 97 and both.n[both.chrom == "X"].max() <= 194
+    lead = pd.DataFrame({"phenotype": ["y"], "lead_id": ["v4"], "lead_variant": [4], "chrom": ["X"]})
+    model = lead_models(lead, bed, pheno, covar).set_index("term")
+    assert "sex" in model.index and model.loc["v4", "coef"] == pytest.approx(both.BETA[4], rel=1e-5)
 
 
 @needs_plink2
 def test_cli_reproduces_plink2_glm(study, tmp_path):
     """BETA and SE within 1e-5 relative, |Δ log10 p| ≤ 1e-5, same OBS_CT and A1 (plink2 prints 6 digits)."""
     folder = study.parent
-    subprocess.run([PLINK2, "--bfile", study, "--pheno", folder / "pheno.tsv", "--covar", folder / "covar.tsv",
-                    "--glm", "hide-covar", "omit-ref", "--threads", "1", "--out", tmp_path / "plink"],
-                   check=True, capture_output=True)
+    plink2_glm(study, folder / "pheno.tsv", folder / "covar.tsv", tmp_path / "plink")
     cli("gwas", "--bfile", str(study), "--pheno", str(folder / "pheno.tsv"), "--covar", str(folder / "covar.tsv"),
         "--out", str(tmp_path / "ours"), "--no-mlflow", "--workers", "2", "--block-variants", "128", check=0)
     ours = pq.read_table(tmp_path / "ours" / "results").to_pandas()
     assert len(ours) == 400 * 5 and ours["reason"].isna().all()
     for name in [f"y{j}" for j in range(5)]:
-        plink = read_plink(tmp_path / "plink", name)
-        both = ours[ours.phenotype == name].merge(plink, left_on="id", right_on="ID", validate="1:1")
-        assert len(both) == 400
-        assert (both.a1 == both.A1).all() and (both.n == both.OBS_CT).all()
+        both = assert_matches_plink2(ours[ours.phenotype == name], read_plink(tmp_path / "plink", name), 400)
         assert both.n.nunique() > 10  # missing calls really varied the sample sets
-        assert np.max(np.abs(both.beta - both.BETA) / np.abs(both.BETA)) < 1e-5
-        assert np.max(np.abs(both.se - both.SE) / both.SE) < 1e-5
-        assert np.max(np.abs(both.log10_p + np.log10(both.P))) < 1e-5
     summary = json.loads((tmp_path / "ours" / "summary.json").read_text())
     leads = {(row["phenotype"], row["lead_id"]) for row in pd.read_parquet(tmp_path / "ours" / "loci.parquet").to_dict("records")}
     causal = BedSource(study).variants["id"].iloc[[7, 300]]
@@ -162,7 +257,10 @@ def test_cli_reproduces_plink2_glm(study, tmp_path):
 def test_pgen_input_gives_the_same_results(study, tmp_path):
     subprocess.run([PLINK2, "--bfile", study, "--make-pgen", "--out", tmp_path / "study"], check=True, capture_output=True)
     bed, pgen = BedSource(study), PgenSource(tmp_path / "study")
-    np.testing.assert_array_equal(bed.read(0, 400), pgen.read(0, 400))
+    calls = bed.read(0, 400).astype(np.float32)
+    calls[calls == MISSING] = np.nan
+    np.testing.assert_array_equal(calls, pgen.read(0, 400))  # a .pgen is read as dosages
+    np.testing.assert_array_equal(bed.read(0, 400), pgen.as_hard_calls().read(0, 400))
     assert (bed.variants == pgen.variants).all(axis=None)
     pheno = align(read_table(study.parent / "pheno.tsv"), bed.samples)
     runs = [scan(src, pheno, None, tmp_path / kind, GwasOptions(workers=1))
@@ -206,10 +304,37 @@ def test_phenotype_tables_follow_plink_conventions(tmp_path):
     table = align(read_table(tmp_path / "p.tsv"), samples)
     np.testing.assert_array_equal(table.values, [[1.5, np.nan], [np.nan, 2.0], [np.nan, np.nan]])
     assert table.unmatched == ["f9 z"]
-    (tmp_path / "c.tsv").write_text("IID sex site\na M 1\nb F -9\nc NA 2\n")
+    (tmp_path / "c.tsv").write_text("IID sex site\na M 1\nb F -9\nc -9 2\n")
     covar = align(read_table(tmp_path / "c.tsv", kind="covariate"), samples)
     assert covar.names == ["sex_M", "site"]
-    np.testing.assert_array_equal(covar.values, [[1, 1], [0, -9], [np.nan, 2]])  # -9 is a value for covariates
+    np.testing.assert_array_equal(covar.values, [[1, 1], [0, np.nan], [np.nan, 2]])  # -9 is missing, as in plink2
+    # Whitespace-aligned (runs of spaces) as plink2 reads it; with a tab in the header, single tabs split.
+    (tmp_path / "aligned.txt").write_text("#FID   IID   y\nf1     a     1.5\nf2     b     2.25\n")
+    np.testing.assert_array_equal(align(read_table(tmp_path / "aligned.txt"), samples).values,
+                                  [[1.5], [2.25], [np.nan]])
+    (tmp_path / "empty.tsv").write_text("IID\tx\ty\na\t\t1\nb\t2\t\n")
+    np.testing.assert_array_equal(align(read_table(tmp_path / "empty.tsv"), samples).values,
+                                  [[np.nan, 1], [2, np.nan], [np.nan, np.nan]])
+
+
+@needs_plink2
+def test_minus_nine_covariates_and_aligned_tables_read_as_plink2_reads_them(study, tmp_path):
+    """-9 in --covar is missing for plink2 too (five -9 ages: OBS_CT 5 lower), and plink2 reads tables whose
+    columns are aligned with runs of spaces."""
+    folder = study.parent
+    covar = pd.read_csv(folder / "covar.tsv", sep="\t")
+    covar.loc[:4, "c0"] = -9
+    pheno = pd.read_csv(folder / "pheno.tsv", sep="\t")[["#FID", "IID", "y0"]]
+    for table, name in ((covar, "covar.txt"), (pheno, "pheno.txt")):
+        (tmp_path / name).write_text(table.to_string(index=False, na_rep="NA", justify="left") + "\n")
+    assert "   " in (tmp_path / "pheno.txt").read_text().splitlines()[0]
+    plink2_glm(study, tmp_path / "pheno.txt", tmp_path / "covar.txt", tmp_path / "plink")
+    bed = BedSource(study)
+    scan(bed, align(read_table(tmp_path / "pheno.txt"), bed.samples),
+         align(read_table(tmp_path / "covar.txt", kind="covariate"), bed.samples), tmp_path / "ours",
+         GwasOptions(workers=1))
+    ours = pq.read_table(tmp_path / "ours" / "results").to_pandas()
+    assert_matches_plink2(ours, read_plink(tmp_path / "plink", "y0"), 400)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -231,7 +356,43 @@ def test_collinear_covariates_are_named(study, tmp_path):
     covar.to_csv(tmp_path / "covar.tsv", sep="\t", index=False)
     proc = cli("gwas", "--bfile", str(study), "--pheno", str(study.parent / "pheno.tsv"), "--covar",
                str(tmp_path / "covar.tsv"), "--out", str(tmp_path / "o"), "--no-mlflow", check=2)
-    assert "c3 constant or collinear" in proc.stderr
+    assert f"{tmp_path / 'covar.tsv'}: c3 collinear with the other covariates" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@needs_plink2
+def test_covariate_unusable_on_one_phenotype_leaves_the_others_tested(tmp_path, caplog):
+    """As plink2: a covariate constant on one phenotype's samples is left out of that phenotype's model only
+    (one line says so); a phenotype none of whose samples has every covariate is not tested, with its reason
+    in summary.json; the other phenotypes are tested as plink2 tests them."""
+    from endopheno.gwas.study import analyse
+
+    rng = np.random.default_rng(1)
+    n, m = 120, 6
+    g = rng.binomial(2, 0.3, (n, m)).astype(np.float32)
+    iid = write_fileset(tmp_path, g)
+    site = (np.arange(n) < 40).astype(float)
+    age = rng.normal(size=n)
+    age[100:] = np.nan
+    y = rng.normal(size=n) + 2 * site + g[:, 0]
+    write_table(tmp_path / "pheno.tsv", iid, y=y, site0_only=np.where(site == 0, y, np.nan),
+                no_age=np.where(np.isnan(age), y, np.nan))
+    write_table(tmp_path / "covar.tsv", iid, site=site, age=age)
+    plink2_glm(tmp_path / "t", tmp_path / "pheno.tsv", tmp_path / "covar.tsv", tmp_path / "plink")
+    assert "Not including covariate 'site'" in (tmp_path / "plink.log").read_text().replace("\n", " ")
+    bed = BedSource(tmp_path / "t")
+    phenotypes = align(read_table(tmp_path / "pheno.tsv"), bed.samples)
+    covariates = align(read_table(tmp_path / "covar.tsv", kind="covariate"), bed.samples)
+    with caplog.at_level("WARNING"):
+        summary = scan(bed, phenotypes, covariates, tmp_path / "out", GwasOptions(workers=1))
+    assert "Not including covariate 'site' in the regression on phenotype 'site0_only'" in caplog.text
+    assert set(summary.left_out) == {"no_age"} and "no sample has" in summary.left_out["no_age"]
+    study = analyse(tmp_path / "out", bed, phenotypes, covariates)
+    assert study["phenotypes_left_out"] == summary.left_out
+    ours = pq.read_table(tmp_path / "out" / "results").to_pandas()
+    assert set(ours.phenotype) == {"y", "site0_only"}
+    for name in ("y", "site0_only"):
+        assert_matches_plink2(ours[ours.phenotype == name], read_plink(tmp_path / "plink", name), m)
 
 
 def test_killed_scan_leaves_the_previous_results(study, tmp_path):
@@ -306,6 +467,50 @@ def test_clumping_groups_variants_in_ld_within_the_window(tmp_path):
     loci = clump(tmp_path / "out", bed, ClumpParams(p1=5e-8, p2=1e-2, r2=0.1, kb=500))
     assert list(loci.sort_values("lead_pos").lead_id) == ["v0", "v2", "v6"]  # A (with B), C apart, D beyond 500 kb
     assert loci.set_index("lead_id").loc["v0", "variants"] == 2 and loci.set_index("lead_id").loc["v0", "end"] == 110_000
+
+
+@needs_plink2
+def test_variants_without_unique_ids_are_told_apart_by_their_row(tmp_path):
+    """IDs may all be '.' (normal in a .pvar made from a VCF): the scan, clumping and lead models identify a
+    variant by its row, as plink2 does; the statistics are plink2's, row for row."""
+    from endopheno.gwas.study import analyse
+
+    rng = np.random.default_rng(3)
+    n, m = 300, 20
+    g = rng.binomial(2, 0.3, (n, m)).astype(np.float32)
+    iid = write_fileset(tmp_path, g, ids=["."] * m, chrom=["1"] * 10 + ["2"] * 10,
+                        pos=np.tile(np.arange(1, 11) * 1000, 2))
+    write_table(tmp_path / "y.tsv", iid, y=rng.normal(size=n) + g[:, 3])
+    bed = BedSource(tmp_path / "t")
+    pheno = align(read_table(tmp_path / "y.tsv"), bed.samples)
+    scan(bed, pheno, None, tmp_path / "out", GwasOptions(workers=1, block_variants=7))
+    summary = analyse(tmp_path / "out", bed, pheno, None)
+    loci, leads = (pd.read_parquet(tmp_path / "out" / f"{name}.parquet") for name in ("loci", "leads"))
+    assert summary["loci"] == 1 and list(loci.lead_variant) == [3] and list(loci.lead_id) == ["."]
+    assert set(leads.lead_variant) == {3} and leads.loc[leads.term == ".", "coef"].item() == pytest.approx(1, abs=0.2)
+    plink2_glm(tmp_path / "t", tmp_path / "y.tsv", None, tmp_path / "plink")
+    ours = pq.read_table(tmp_path / "out" / "results").to_pandas().sort_values("variant", ignore_index=True)
+    plink = read_plink(tmp_path / "plink", "y")
+    assert list(ours.variant) == list(range(m))
+    np.testing.assert_allclose(ours.beta, plink.BETA, rtol=1e-5)
+    np.testing.assert_allclose(ours.log10_p, -np.log10(plink.P), atol=1e-5)
+
+
+def test_phenotype_names_with_slashes_and_quotes_survive_the_post_scan_step(study, tmp_path):
+    from endopheno.gwas.study import analyse, track
+
+    names = {"y0": "gm/wm", "y2": "gm_wm", "y4": "parkinson's"}  # the causal ones: each gets a Manhattan plot
+    pheno = pd.read_csv(study.parent / "pheno.tsv", sep="\t")[["#FID", "IID", *names]].rename(columns=names)
+    pheno.to_csv(tmp_path / "pheno.tsv", sep="\t", index=False, na_rep="NA")
+    bed = BedSource(study)
+    phenotypes = align(read_table(tmp_path / "pheno.tsv"), bed.samples)
+    covariates = align(read_table(study.parent / "covar.tsv", kind="covariate"), bed.samples)
+    scan(bed, phenotypes, covariates, tmp_path / "out", GwasOptions(workers=1))
+    summary = analyse(tmp_path / "out", bed, phenotypes, covariates)
+    plots = {p.name for p in (tmp_path / "out" / "plots").glob("manhattan_*.png")}
+    assert {"manhattan_gm_wm.png", "manhattan_gm_wm_2.png", "manhattan_parkinson_s.png"} <= plots  # distinct
+    scan_record = json.loads((tmp_path / "out" / "scan.json").read_text())
+    track(tmp_path / "out", summary, scan_record, {"pheno": "pheno.tsv"}, uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
 def test_min_maf_and_min_mac_filter_variants(study, tmp_path):

@@ -1,10 +1,12 @@
 """`import_genotypes`: a PLINK source -> a genotype store (see `store` for the layout).
 
 Two streaming passes over the source, in blocks of `chunk_variants` variants: the first counts each
-sample's missing calls (the ``mind`` filter); the second computes every variant's statistics on the
-kept samples, applies the variant filters, appends the kept variants to the Zarr array and feeds the
-common ones to the LD pruner. The PCs are then computed from the pruned variants of the new array with
-dask. Memory is bounded by a block (chunk_variants × samples values) plus per-variant statistics.
+sample's missing calls (the ``mind`` filter) and finds whether any dosage is fractional (a .pgen is read
+as dosages; one without a fractional dosage is stored as 1-byte hard calls); the second computes every
+variant's statistics on the kept samples, applies the variant filters, appends the kept variants to the
+Zarr array and feeds the common ones to the LD pruner. The PCs are then computed from the pruned variants
+of the new array with dask. Memory is bounded by a block (chunk_variants × samples values) plus
+per-variant statistics.
 
 Everything is written into a sibling folder ``<store>.partial-*`` and renamed into place at the end, so
 a crash leaves the previous store whole (or, in the instant between the two renames, beside its name as
@@ -27,7 +29,8 @@ from endopheno.errors import EndophenoError, InputError
 from endopheno.genotypes import store as layout
 from endopheno.genotypes.ids import match_ids
 from endopheno.genotypes.pca import LDPruner, PCAParams, genetic_pcs, standardise
-from endopheno.genotypes.qc import QCParams, missing_calls, sample_filter, variant_counts, variant_filter, variant_stats
+from endopheno.genotypes.qc import (QCParams, counted_missing, missing_calls, sample_filter, sex_chromosome,
+                                    variant_counts, variant_filter, variant_stats)
 from endopheno.genotypes.sources import MISSING
 from endopheno.parallel import default_workers, progress
 
@@ -113,7 +116,10 @@ def import_genotypes(source, out: str | Path, params: ImportParams, *, subjects:
     tmp = out.with_name(f"{out.name}.partial-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        sample_rate = _sample_call_rates(source, params.chunk_variants)
+        sample_rate, fractional = _sample_call_rates(source, params.chunk_variants)
+        if dtype == np.float32 and not fractional and hasattr(source, "as_hard_calls"):
+            # A .pgen is read as dosages; the first pass has seen every variant, none fractional: 1 byte a call.
+            source, dtype = source.as_hard_calls(), np.dtype(np.int8)
         sample_reason = sample_filter(sample_rate, params.qc)
         keep = sample_reason == ""
         if not keep.any():
@@ -189,12 +195,19 @@ def _blocks(n: int, size: int, label: str):
             bar.advance(task, stop - start)
 
 
-def _sample_call_rates(source, chunk: int) -> np.ndarray:
+def _sample_call_rates(source, chunk: int) -> tuple[np.ndarray, bool]:
+    """Each sample's call rate over all variants, and whether any dosage is fractional."""
     n_variants = len(source.variants)
+    on_y, male = sex_chromosome(source.variants["chrom"]) == "Y", source.samples["sex"].to_numpy() == 1
     missing = np.zeros(len(source.samples), np.int64)
+    fractional = False
     for start, stop in _blocks(n_variants, chunk, "sample call rates"):
-        missing += missing_calls(source.read(start, stop)).sum(0)
-    return 1 - missing / max(n_variants, 1)
+        block = source.read(start, stop)
+        missing += counted_missing(missing_calls(block), on_y[start:stop], male)
+        if block.dtype != np.int8 and not fractional:
+            fractional = bool(np.any(np.abs(block - np.rint(block)) > 0))  # False for NaN
+    expected = n_variants - on_y.sum() * ~male  # a non-male has no chrY call to miss
+    return 1 - missing / np.maximum(expected, 1), fractional
 
 
 class _ChunkWriter:
@@ -235,13 +248,17 @@ def _variant_pass(source, tmp: Path, keep: np.ndarray, dtype: np.dtype, params: 
     array = layout.create_dosages(tmp / layout.DOSAGES, n_variants, n_kept, dtype, params.chunk_variants, attrs)
     writer, pruner = _ChunkWriter(array), LDPruner(params.pca.ld_window, params.pca.ld_r2)
     chrom = source.variants["chrom"].to_numpy()
+    on_y, male = sex_chromosome(chrom) == "Y", source.samples["sex"].to_numpy()[keep] == 1
     stats, reasons, pruned, pruned_freq = [], [], [], []
-    sample_missing = np.zeros(n_kept, np.int64)
+    sample_missing, kept_y = np.zeros(n_kept, np.int64), 0
     for start, stop in _blocks(n_variants, params.chunk_variants, "variant QC and store"):
         block = source.read(start, stop)
         if not keep.all():
             block = block[:, keep]
-        s = variant_stats(variant_counts(block), chrom[start:stop], n_kept)
+        y = on_y[start:stop]
+        if y.any():  # chrY: only males' calls count (PLINK 2); the others are stored missing
+            block[np.ix_(y, ~male)] = MISSING if block.dtype == np.int8 else np.nan
+        s = variant_stats(variant_counts(block), chrom[start:stop], np.where(y, male.sum(), n_kept))
         reason = variant_filter(s, params.qc)
         kept = reason == ""
         common = kept & (np.minimum(s["a1_freq"], 1 - s["a1_freq"]).to_numpy() >= params.pca.min_maf)
@@ -252,7 +269,8 @@ def _variant_pass(source, tmp: Path, keep: np.ndarray, dtype: np.dtype, params: 
         pruned_freq.append(freq[ld_kept])
         rows = block[kept]
         writer.add(rows)
-        sample_missing += missing_calls(rows).sum(0)
+        sample_missing += counted_missing(missing_calls(rows), y[kept], male)
+        kept_y += int(y[kept].sum())
         stats.append(s)
         reasons.append(reason)
     writer.close()
@@ -261,7 +279,8 @@ def _variant_pass(source, tmp: Path, keep: np.ndarray, dtype: np.dtype, params: 
         raise EndophenoError(f"{source.path}: QC removed every variant (see the genotypes.qc thresholds)")
     log.info("variant QC kept %d of %d variants; LD pruning kept %d common ones", writer.rows, n_variants, sum(map(len, pruned)))
     return {"stats": pd.concat(stats, ignore_index=True), "reason": reason, "pruned": np.concatenate(pruned),
-            "pruned_freq": np.concatenate(pruned_freq), "sample_call_rate": 1 - sample_missing / writer.rows}
+            "pruned_freq": np.concatenate(pruned_freq),
+            "sample_call_rate": 1 - sample_missing / np.maximum(writer.rows - kept_y * ~male, 1)}
 
 
 def _pcs(tmp: Path, result: dict, params: ImportParams, workers: int | None, scheduler: str | None):

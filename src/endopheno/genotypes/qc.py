@@ -6,12 +6,12 @@ memory is bounded by the block, and is vectorised over the block.
 
 Assumptions, as in PLINK 2 by default: every sample is a founder (unrelated); genotypes are diploid.
 Hardy-Weinberg is tested on autosomes only: chromosomes X, Y, XY and MT get no p-value and are never
-removed by it (PLINK 2 tests X on females). For a source with dosages: a call is missing only when its
-dosage is missing (as PLINK 2's
-``--mind dosage``/``--geno dosage``; plain ``--geno`` would also count every dosage far from an integer,
-most of an imputed file); allele frequencies use the dosages; Hardy-Weinberg uses hard calls, a dosage
-further than `HARDCALL_THRESHOLD` from an integer counting as missing there (PLINK 2's
-``--hard-call-threshold`` default).
+removed by it (PLINK 2 tests X on females). On chromosome Y only males' calls count (PLINK 2): the
+importer sets the others missing and leaves them out of every call rate. For a source with dosages: a
+call is missing only when its dosage is missing (as PLINK 2's ``--mind dosage``/``--geno dosage``; plain
+``--geno`` would also count every dosage far from an integer, most of an imputed file); allele
+frequencies use the dosages; Hardy-Weinberg uses hard calls, a dosage further than `HARDCALL_THRESHOLD`
+from an integer counting as missing there (PLINK 2's ``--hard-call-threshold`` default).
 """
 
 from __future__ import annotations
@@ -58,6 +58,23 @@ class QCParams:
         return p
 
 
+def _chromosome_codes(chrom) -> pd.Series:
+    return pd.Series(np.asarray(chrom), dtype=str).str.upper().str.removeprefix("CHR")
+
+
+def sex_chromosome(chrom) -> np.ndarray:
+    """Per variant: "X", "Y" or "" (any other chromosome); PLINK's codes 23, 24 and a 'chr' prefix understood.
+    XY (the pseudo-autosomal region) is diploid in both sexes, so it is "" here."""
+    code = _chromosome_codes(chrom)
+    return np.select([code.isin(["X", "23"]).to_numpy(), code.isin(["Y", "24"]).to_numpy()], ["X", "Y"], "")
+
+
+def counted_missing(missing: np.ndarray, on_y: np.ndarray, male: np.ndarray) -> np.ndarray:
+    """Per sample, the missing calls of a block (variants × samples mask) that count: on chromosome Y
+    (`on_y`, per variant) only a male's (`male`, per sample), as in PLINK 2."""
+    return missing[~on_y].sum(0) + missing[on_y].sum(0) * male
+
+
 def missing_calls(block: np.ndarray) -> np.ndarray:
     """Boolean mask of missing calls in a block of hard calls (int8, `MISSING`) or dosages (NaN)."""
     return block == MISSING if block.dtype == np.int8 else np.isnan(block)
@@ -79,18 +96,19 @@ def variant_counts(block: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"called": called, "a1": a1, "hom1": hom1, "het": het, "hom2": hom2})
 
 
-def variant_stats(counts: pd.DataFrame, chrom: np.ndarray, n_samples: int) -> pd.DataFrame:
+def variant_stats(counts: pd.DataFrame, chrom: np.ndarray, n_samples) -> pd.DataFrame:
     """Allele1 frequency among non-missing calls, minor allele count, call rate and Hardy-Weinberg
-    exact p-value (autosomes only) of every variant, from `variant_counts` over `n_samples` samples."""
+    exact p-value (autosomes only) of every variant, from `variant_counts` over `n_samples` samples (one
+    number, or one per variant)."""
     alleles = 2 * counts["called"].to_numpy()
     a1 = counts["a1"].to_numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
         freq = np.where(alleles > 0, a1 / alleles, np.nan)
-    autosomal = ~pd.Series(chrom, dtype=str).str.upper().str.removeprefix("CHR").isin(NON_AUTOSOMES).to_numpy()
+    autosomal = ~_chromosome_codes(chrom).isin(NON_AUTOSOMES).to_numpy()
     hwe = np.full(len(counts), np.nan)
     hwe[autosomal] = hwe_exact(*(counts[c].to_numpy()[autosomal] for c in ("hom1", "het", "hom2")))
     return pd.DataFrame({"a1_freq": freq, "mac": np.minimum(a1, alleles - a1),
-                         "call_rate": counts["called"].to_numpy() / max(n_samples, 1), "hwe_p": hwe})
+                         "call_rate": counts["called"].to_numpy() / np.maximum(n_samples, 1), "hwe_p": hwe})
 
 
 def sample_filter(call_rate: np.ndarray, params: QCParams) -> np.ndarray:

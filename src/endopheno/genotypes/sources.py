@@ -9,6 +9,7 @@ counted allele is `allele1`: the `.bim`'s fifth column, the `.pvar`'s ALT, as PL
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ class BedSource:
         self.path = _need(prefix.with_name(prefix.name + ".bed"))
         fam = _read_table(_need(prefix.with_name(prefix.name + ".fam")), ["fid", "iid", "father", "mother", "sex", "pheno"])
         bim = _read_table(_need(prefix.with_name(prefix.name + ".bim")), ["chrom", "id", "cm", "pos", "allele1", "allele2"])
-        self.samples = pd.DataFrame({"fid": fam.fid, "iid": fam.iid, "sex": fam.sex.astype(np.int8)})
+        self.samples = pd.DataFrame({"fid": fam.fid, "iid": fam.iid, "sex": _sex(fam.sex)})
         self.variants = _variant_table(bim)
         _check_bed_size(self.path, len(fam), len(bim))
         self.reader = BedReader(self.path, len(fam), len(bim), num_threads)
@@ -69,7 +70,9 @@ class BedReader:
 
 
 class PgenSource:
-    """PLINK 2 fileset ``PREFIX.pgen/.pvar/.psam``, read with pgenlib (hard calls, or dosages if present)."""
+    """PLINK 2 fileset ``PREFIX.pgen/.pvar/.psam``, read with pgenlib as float32 dosages (hard calls are
+    whole dosages): pgenlib cannot tell whether a file holds fractional dosages without reading all of it.
+    `as_hard_calls()` reads 1-byte hard calls instead, for a caller that has seen every variant integral."""
 
     def __init__(self, prefix: str | Path):
         prefix = Path(prefix)
@@ -78,8 +81,8 @@ class PgenSource:
         pvar = _read_header_table(_need(prefix.with_name(prefix.name + ".pvar")))
         iid = psam["IID"].astype(str)
         fid = psam["FID"].astype(str) if "FID" in psam else iid
-        sex = pd.to_numeric(psam.get("SEX", pd.Series(0, index=psam.index)), errors="coerce").fillna(0)
-        self.samples = pd.DataFrame({"fid": fid, "iid": iid, "sex": sex.astype(np.int8)})
+        sex = _sex(psam.get("SEX", pd.Series("0", index=psam.index)))
+        self.samples = pd.DataFrame({"fid": fid, "iid": iid, "sex": sex})
         if pvar["ALT"].astype(str).str.contains(",").any():
             bad = pvar.loc[pvar["ALT"].astype(str).str.contains(","), "ID"].iloc[0]
             raise InputError(prefix, f"variant {bad} is multi-allelic; split it first (plink2 --make-pgen --split-par or bcftools norm -m-)")
@@ -90,17 +93,18 @@ class PgenSource:
     def read(self, start: int, stop: int) -> np.ndarray:
         return self.reader.read(start, stop)
 
+    def as_hard_calls(self) -> PgenSource:
+        """The same fileset read as int8 hard calls (`MISSING` for a missing call)."""
+        other = copy.copy(self)
+        other.reader = PgenReader(self.path, len(self.samples), dosages=False)
+        return other
+
 
 class PgenReader:
-    def __init__(self, path: Path, samples: int):
-        self.path, self.samples = path, samples
+    def __init__(self, path: Path, samples: int, dosages: bool = True):
+        self.path, self.samples, self.dosages = path, samples, dosages
         self._pgen = None
-        # pgenlib has no file-level "has dosages" flag: fractional dosages in the first variants decide
-        # between 1-byte hard calls and float32 dosages.
-        count = min(1000, self._open().get_variant_ct())
-        first = np.empty((count, samples), dtype=np.float32)
-        self._open().read_dosages_range(0, count, first, allele_idx=1)
-        self.dosages = bool(np.any(first != np.round(first)))
+        self._open()  # fail here, naming the file, if it is not a .pgen
 
     def __getstate__(self):
         return {**self.__dict__, "_pgen": None}
@@ -151,13 +155,21 @@ def open_source(bfile: str | Path | None = None, pfile: str | Path | None = None
     return StoreSource(store)
 
 
+def _sex(codes: pd.Series) -> pd.Series:
+    """PLINK's sex codes: 1/M/m male (1), 2/F/f female (2), anything else (0, NA, U, ...) unknown (0)."""
+    return codes.astype(str).map({"1": 1, "M": 1, "m": 1, "2": 2, "F": 2, "f": 2}).fillna(0).astype(np.int8)
+
+
 def _read_table(path: Path, names: list[str]) -> pd.DataFrame:
     try:
-        table = pd.read_csv(path, sep=r"\s+", header=None, names=names, dtype=str, engine="c")
+        # keep_default_na=False: "NA" (a missing .fam phenotype) is a field, not a missing column.
+        table = pd.read_csv(path, sep=r"\s+", header=None, names=names, dtype=str, engine="c",
+                            keep_default_na=False)
     except Exception as e:
         raise InputError(path, f"cannot be parsed ({e})") from None
-    if table.isna().any(axis=None):
-        row = int(table.isna().any(axis=1).to_numpy().argmax())
+    short = table.isna() | (table == "")  # a line's absent fields (whitespace-split fields are never empty)
+    if short.any(axis=None):
+        row = int(short.any(axis=1).to_numpy().argmax())
         raise InputError(path, f"line {row + 1} has fewer than {len(names)} columns")
     return table
 

@@ -24,17 +24,21 @@ downdate restores, m being the number of missing calls (M = the missing samples,
     A = Q_Sᵀ Q_S = I − Q_Mᵀ Q_M,   u = Q_Mᵀ ỹ_M  (so Q_Sᵀ ỹ_S = −u),   w = Qᵀg,
     g̃ᵀỹ = gᵀỹ + wᵀA⁻¹u,   g̃ᵀg̃ = gᵀg − wᵀA⁻¹w,   ỹ_Sᵀỹ_S = ỹᵀỹ − Σ_M ỹ² − uᵀA⁻¹u.
 
-All Q_M-sums of a block come from one sparse (missing-indicator) × dense product, so the correction
-costs O(missing calls × (k·P + P + k²)) — about 1/N of the main product per missing call — and no
-per-variant Python loop. Mean imputation (``missing="mean"``) instead fills a missing call with the
-variant's mean observed dosage and keeps every sample (n = samples of the group).
+Where A is singular — the covariates collinear on S, e.g. one constant on the called samples — the
+variant is not tested (PLINK 2's VIF_INFINITE). All Q_M-sums of a block come from one sparse
+(missing-indicator) × dense product, so the correction costs O(missing calls × (k·P + P + k²)) — about
+1/N of the main product per missing call — and no per-variant Python loop. Mean imputation
+(``missing="mean"``) instead fills a missing call with the variant's mean observed dosage and keeps every
+sample (n = samples of the group).
 
 Assumptions: linear additive model, independent homoscedastic errors, samples unrelated (no kinship
-modelling; use PCs as covariates for structure).
+modelling; use PCs as covariates for structure). Sex chromosomes as PLINK 2 models them
+(`sex_chromosome_model`): sex is a covariate on chrX, chrY is tested on males as haploid.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -49,6 +53,10 @@ from endopheno.genotypes.sources import MISSING
 # A variant is untestable when what remains of its dosage variance after projecting out the covariates is
 # below this share of its raw sum of squares: constant among the observed samples, or collinear with C.
 COLLINEAR_TOLERANCE = 1e-8
+# The covariates are collinear on a variant's called samples when the smallest eigenvalue of Q_SᵀQ_S (see
+# `_exact_correction`) is below this.
+SINGULAR_TOLERANCE = 1e-10
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,38 +102,88 @@ class PhenotypeGroup:
 
 
 def phenotype_groups(phenotypes: np.ndarray, covariates: np.ndarray, names: list[str],
-                     covariate_names: list[str] | None = None) -> list[PhenotypeGroup]:
+                     covariate_names: list[str] | None = None, covariate_source: str | None = None,
+                     left_out: dict[str, str] | None = None) -> list[PhenotypeGroup]:
     """Group phenotypes by missingness and residualise each group on intercept + covariates.
+
+    As PLINK 2's ``--glm`` does, a covariate constant or collinear with the others on the samples of one
+    group is left out of that group's model (a line is logged), and a group with too few samples for its
+    model is not tested: its phenotypes and the reason go into `left_out` (name -> reason). A covariate
+    collinear with the others on every sample is the covariate file's mistake (`InputError`).
 
     Parameters
     ----------
     phenotypes : (samples × P) float array aligned with the genotype source's samples, NaN = missing.
     covariates : (samples × c) float array aligned likewise; a sample missing any covariate is left out.
-    names : the P phenotype names; `covariate_names` name the covariates in errors.
+    names : the P phenotype names; `covariate_names` name the covariates, `covariate_source` their file,
+        in messages.
     """
-
+    left_out = {} if left_out is None else left_out
+    labels = ["intercept", *(covariate_names or [f"covariate {i + 1}" for i in range(covariates.shape[1])])]
     usable = ~np.isnan(covariates).any(axis=1)
+    everywhere = deficient_columns(covariates[usable])
+    collinear = [labels[i] for i in np.flatnonzero(everywhere) if np.ptp(covariates[usable, i - 1]) > 0]
+    if collinear:  # PLINK 2 stops here too ("covariate correlation matrix could not be inverted")
+        raise InputError(covariate_source or "covariates", f"{', '.join(collinear)} collinear with the other "
+                         f"covariates on every sample; remove {'it' if len(collinear) == 1 else 'them'}")
     observed = ~np.isnan(phenotypes) & usable[:, None]
     patterns: dict[bytes, list[int]] = {}
     for j in range(phenotypes.shape[1]):
         patterns.setdefault(np.packbits(observed[:, j]).tobytes(), []).append(j)
     groups = []
     for columns in patterns.values():
+        group_names = [names[j] for j in columns]
         samples = np.flatnonzero(observed[:, columns[0]])
-        design = np.hstack([np.ones((len(samples), 1)), covariates[samples]])
-        q, r = np.linalg.qr(design)
-        deficient = np.abs(np.diag(r)) <= 1e-10 * max(1.0, np.abs(r).max())
-        if len(samples) > design.shape[1] and deficient.any():
-            labels = ["intercept", *(covariate_names or [f"covariate {i + 1}" for i in range(covariates.shape[1])])]
-            bad = [labels[i] for i in np.flatnonzero(deficient)]
-            raise InputError("covariates", f"{', '.join(bad)} constant or collinear with the others on the samples of "
-                             f"phenotype {names[columns[0]]}; remove {'it' if len(bad) == 1 else 'them'}")
+        kept = ~deficient_columns(covariates[samples])
+        for i in np.flatnonzero(~kept):
+            log.warning("Not including covariate '%s' in the regression on phenotype '%s'%s: constant or collinear "
+                        "with the others on its %d samples", labels[i], group_names[0],
+                        f" (and {len(columns) - 1} more)" if len(columns) > 1 else "", len(samples))
+        design = np.hstack([np.ones((len(samples), 1)), covariates[samples]])[:, kept]
+        if len(samples) < design.shape[1] + 2:  # the genotype's coefficient too, and one degree of freedom
+            reason = ("no sample has the phenotype and every covariate observed" if not len(samples) else
+                      f"{len(samples)} samples with the phenotype and every covariate observed: too few for a "
+                      f"model with {design.shape[1] + 1} coefficients")
+            log.warning("phenotype '%s'%s not tested: %s", group_names[0],
+                        f" (and {len(columns) - 1} more)" if len(columns) > 1 else "", reason)
+            left_out.update(dict.fromkeys(group_names, reason))
+            continue
+        q, _ = np.linalg.qr(design)
         y = phenotypes[np.ix_(samples, columns)]
         y = y - q @ (q.T @ y)
-        groups.append(PhenotypeGroup(names=[names[j] for j in columns], samples=samples, q=np.ascontiguousarray(q),
+        groups.append(PhenotypeGroup(names=group_names, samples=samples, q=np.ascontiguousarray(q),
                                      y=np.ascontiguousarray(y), yy=np.einsum("np,np->p", y, y),
                                      all_samples=len(samples) == phenotypes.shape[0]))
     return groups
+
+
+def deficient_columns(covariates: np.ndarray) -> np.ndarray:
+    """Which columns of [1, covariates] are constant or collinear with the columns before them on these
+    samples (none when there are too few samples to tell): a zero diagonal entry of R in their QR."""
+    design = np.hstack([np.ones((len(covariates), 1)), covariates])
+    if len(design) <= design.shape[1]:
+        return np.zeros(design.shape[1], dtype=bool)
+    r = np.linalg.qr(design, mode="r")
+    return np.abs(np.diag(r)) <= 1e-10 * max(1.0, np.abs(r).max())
+
+
+def sex_chromosome_model(kind: str, sex: np.ndarray, covariates: np.ndarray, names: list[str]):
+    """Covariates, their names and the usable samples for variants of chromosome `kind` ("" autosomal, "X",
+    "Y"; see `genotypes.qc.sex_chromosome`), as PLINK 2's ``--glm`` models them: on chrX, sex (1 male,
+    2 female) is one more covariate — unless the covariates hold it already — and samples of unknown sex
+    are left out; chrY is tested on males only, its calls counted as haploid (0 or 1: the returned dosage
+    scale is 1/2). A male's chrX call is used as coded (0 or 2 in a .bed), as PLINK 2 does; a constant sex
+    is dropped by `phenotype_groups`, with a line saying so. Returns (covariates, names, usable, scale)."""
+    usable = np.ones(len(sex), dtype=bool)
+    if kind == "X":
+        usable = np.isin(sex, (1, 2))
+        with_sex = np.hstack([covariates, np.where(usable, sex, np.nan)[:, None]])
+        known = with_sex[~np.isnan(with_sex).any(axis=1)]
+        if not (len(known) and deficient_columns(known)[-1] and np.ptp(known[:, -1]) > 0):
+            covariates, names = with_sex, [*names, "sex"]
+    elif kind == "Y":
+        usable = sex == 1
+    return covariates, names, usable, 0.5 if kind == "Y" else 1.0
 
 
 @dataclass
@@ -211,18 +269,19 @@ def associate_block(dosages: np.ndarray, group: PhenotypeGroup, *, missing: str 
     yy = np.broadcast_to(group.yy, gy.shape).copy()
     a1_freq = np.divide(s1, 2.0 * n, out=np.full(len(n), np.nan), where=n > 0)
 
+    singular = np.zeros(len(n), dtype=bool)
     if indicator is not None:
         rows = np.flatnonzero(n_missing)
         # In CSC form the product walks the samples in order, so each row of the (n × ~kP) side matrix
         # is read once: 2.3× faster than CSR, whose random reads of it miss the cache.
         sums = np.asarray(indicator[rows].tocsc() @ group.side(missing))
         if missing == "exact":
-            _exact_correction(rows, sums, w, gy, gg, yy, s2, k, group.y.shape[1])
+            singular[rows] = _exact_correction(rows, sums, w, gy, gg, yy, s2, k, group.y.shape[1])
         else:
             _mean_imputation(rows, sums, n_missing, s1, w, gy, gg, s2, group)
             n = np.full_like(n, group.y.shape[0])
     lap("missing correction")
-    result = _statistics(group.names, n, k, a1_freq, gy, gg, yy, s2)
+    result = _statistics(group.names, n, k, a1_freq, gy, gg, yy, s2, singular)
     lap("statistics and p")
     return result
 
@@ -241,16 +300,24 @@ class Laps:
 
 
 def _exact_correction(rows, sums, w, gy, gg, yy, s2, k, p):
-    """Restore, for variants with missing calls, the regression on the observed samples only."""
+    """Restore, for variants with missing calls, the regression on the observed samples only. Returns, per
+    row, whether the covariates are collinear on the called samples (A = Q_SᵀQ_S singular: a covariate
+    constant on them, say; PLINK 2's VIF_INFINITE): such a variant cannot be tested. A solve would not fail
+    there but give an answer with one degree of freedom too few."""
     u = sums[:, : k * p].reshape(-1, k, p)
     y2 = sums[:, k * p: k * p + p]
     a = np.eye(k) - sums[:, k * p + p:].reshape(-1, k, k)
+    # A's eigenvalues are the squared singular values of Q_S, in [0, 1] (Q is orthonormal): an absolute
+    # tolerance suffices. Singular rows get A = I so the solves go through; their results are discarded.
+    singular = np.linalg.eigvalsh(a)[:, 0] < SINGULAR_TOLERANCE
+    a[singular] = np.eye(k)
     wm = w[rows]
     ainv_w = np.linalg.solve(a, wm[:, :, None])[:, :, 0]
     ainv_u = np.linalg.solve(a, u)
     gy[rows] += np.einsum("mk,mkp->mp", wm, ainv_u)
     gg[rows] = s2[rows] - np.einsum("mk,mk->m", wm, ainv_w)
     yy[rows] -= y2 + np.einsum("mkp,mkp->mp", u, ainv_u)
+    return singular
 
 
 def _mean_imputation(rows, sums, n_missing, s1, w, gy, gg, s2, group):
@@ -265,9 +332,10 @@ def _mean_imputation(rows, sums, n_missing, s1, w, gy, gg, s2, group):
     gg[rows] = s2[rows] - np.einsum("mk,mk->m", w[rows], w[rows])
 
 
-def _statistics(names, n, k, a1_freq, gy, gg, yy, s2) -> BlockResult:
+def _statistics(names, n, k, a1_freq, gy, gg, yy, s2, singular) -> BlockResult:
     df = (n - k - 1).astype(np.float64)
     reason = np.full(len(n), "", dtype=object)
+    reason[singular] = "covariates constant or collinear on the samples with a call"
     reason[gg <= COLLINEAR_TOLERANCE * np.maximum(s2, 1.0)] = "constant or collinear with covariates"
     reason[df < 1] = "too few observations"
     ok = reason == ""

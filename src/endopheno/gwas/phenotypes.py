@@ -1,9 +1,11 @@
 """Phenotype and covariate tables with PLINK 2's conventions, aligned to the genotype samples.
 
-A table is tab- or space-separated with a header. Its ID columns come first: ``IID`` alone, or
-``FID``/``#FID`` then ``IID`` (``#IID`` also accepted). Missing values are ``NA``, ``nan`` or empty; in
-phenotype columns ``-9`` is missing too (PLINK's ``--input-missing-phenotype`` default). A non-numeric
-covariate column is dummy-coded (first level dropped); a non-numeric phenotype is an error.
+A table has a header line. If that line holds a tab, fields are split on single tabs (so an empty field is
+missing); otherwise on runs of spaces/tabs, so whitespace-aligned tables read as PLINK 2 reads them. Its
+ID columns come first: ``IID`` alone, or ``FID``/``#FID`` then ``IID`` (``#IID`` also accepted). Missing
+values are ``NA``, ``nan``, empty or ``-9``, in phenotype and covariate columns alike (PLINK 2's
+``--input-missing-phenotype`` default applies to ``--covar`` too). A non-numeric covariate column is
+dummy-coded (first level dropped); a non-numeric phenotype is an error.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Aligned:
     values: np.ndarray
     names: list[str]
     unmatched: list[str] = field(default_factory=list)  # table rows whose ID is not a genotyped sample
+    source: str = ""  # the file it was read from, for messages
 
 
 def read_table(path: str | Path, columns: list[str] | None = None, *, kind: str = "phenotype") -> pd.DataFrame:
@@ -33,8 +36,11 @@ def read_table(path: str | Path, columns: list[str] | None = None, *, kind: str 
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "not found")
+    with open(path, errors="replace") as f:
+        header_line = f.readline()
     try:
-        table = pd.read_csv(path, sep=None, engine="python", dtype=str, keep_default_na=False)
+        table = pd.read_csv(path, sep="\t" if "\t" in header_line else r"\s+", engine="c", dtype=str,
+                            keep_default_na=False)
     except Exception as e:
         raise InputError(path, f"cannot be parsed as a table ({e})") from None
     header = [c.lstrip("#") for c in table.columns]
@@ -50,24 +56,27 @@ def read_table(path: str | Path, columns: list[str] | None = None, *, kind: str 
     if absent:
         raise InputError(path, f"no column {', '.join(absent)} (it has: {', '.join(available)})")
     values = table.set_index(ids)[columns].replace(MISSING_STRINGS, np.nan)
-    return _numeric(values, path, kind)
+    out = _numeric(values, path, kind)
+    out.attrs["path"] = str(path)
+    return out
 
 
 def _numeric(values: pd.DataFrame, path: Path, kind: str) -> pd.DataFrame:
     out = {}
     for name in values.columns:
         column = pd.to_numeric(values[name], errors="coerce")
-        bad = column.isna() & values[name].notna()
+        raw = values[name].mask(column == -9)  # -9 is missing (PLINK 2), in a categorical column too
+        bad = column.isna() & raw.notna()
         if not bad.any():
-            out[name] = column.mask(column == -9) if kind == "phenotype" else column
+            out[name] = column.mask(column == -9)
         elif kind == "covariate":  # categorical: dummy-code, missing stays missing
-            dummies = pd.get_dummies(values[name], prefix=name, drop_first=True, dtype=float)
-            dummies[values[name].isna()] = np.nan
+            dummies = pd.get_dummies(raw, prefix=name, drop_first=True, dtype=float)
+            dummies[raw.isna()] = np.nan
             out.update({c: dummies[c] for c in dummies.columns})
         else:
             row = values.index[bad.to_numpy().argmax()]
             raise InputError(path, f"{kind} {name} of sample {row if isinstance(row, str) else row[-1]} "
-                             f"is not a number ({values[name][bad].iloc[0]!r})")
+                             f"is not a number ({raw[bad].iloc[0]!r})")
     return pd.DataFrame(out, index=values.index)
 
 
@@ -81,7 +90,7 @@ def align(table: pd.DataFrame, samples: pd.DataFrame) -> Aligned:
         names = list(table.index)
     aligned = table.reindex(keys)
     unmatched = [n for n, hit in zip(names, table.index.isin(keys)) if not hit]
-    return Aligned(aligned.to_numpy(dtype=np.float64), list(table.columns), unmatched)
+    return Aligned(aligned.to_numpy(dtype=np.float64), list(table.columns), unmatched, table.attrs.get("path", ""))
 
 
 def screen(phenotypes: Aligned, max_tied_fraction: float = 0.5,
@@ -111,7 +120,8 @@ def screen(phenotypes: Aligned, max_tied_fraction: float = 0.5,
             left_out[name] = "explained entirely by the covariates"
         else:
             keep.append(j)
-    return Aligned(phenotypes.values[:, keep], [phenotypes.names[j] for j in keep], phenotypes.unmatched), left_out
+    return Aligned(phenotypes.values[:, keep], [phenotypes.names[j] for j in keep], phenotypes.unmatched,
+                   phenotypes.source), left_out
 
 
 def _explained(y: np.ndarray, covariates: np.ndarray) -> bool:
@@ -136,4 +146,4 @@ def inverse_normal(phenotypes: Aligned) -> Aligned:
         observed = ~np.isnan(values[:, j])
         ranks = stats.rankdata(values[observed, j])
         values[observed, j] = stats.norm.ppf((ranks - 0.375) / (observed.sum() + 0.25))
-    return Aligned(values, phenotypes.names, phenotypes.unmatched)
+    return Aligned(values, phenotypes.names, phenotypes.unmatched, phenotypes.source)

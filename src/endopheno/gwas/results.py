@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from endopheno.genotypes.qc import missing_calls
+from endopheno.genotypes.qc import missing_calls, sex_chromosome
+from endopheno.gwas.linear import sex_chromosome_model
 
 MEDIAN_CHI2_1DF = stats.chi2.ppf(0.5, 1)  # 0.4549…
 
@@ -53,28 +54,29 @@ def hits(out: str | Path, threshold: float) -> pd.DataFrame:
 
 
 def clump(out: str | Path, source, params: ClumpParams) -> pd.DataFrame:
-    """Independent loci per phenotype, PLINK-style clumping with LD (r²) from the genotypes themselves."""
+    """Independent loci per phenotype, PLINK-style clumping with LD (r²) from the genotypes themselves.
+    Variants are identified by their row in the source's variant table (`lead_variant`), not by ID, which
+    may repeat ('.')."""
     candidates = duckdb.sql(f"""SELECT phenotype::VARCHAR AS phenotype, chrom::VARCHAR AS chrom, pos, id::VARCHAR AS id,
-                                       p, log10_p FROM {results_sql(out)}
+                                       variant, p, log10_p FROM {results_sql(out)}
                                 WHERE p < {params.p2!r}""").df()
-    index_of = pd.Series(np.arange(len(source.variants)), index=source.variants["id"].to_numpy())
     loci = []
     for phenotype, table in candidates.groupby("phenotype", sort=True):
         table = table.sort_values("log10_p", ascending=False)
-        taken: set[str] = set()
+        taken: set[int] = set()
         for lead in table.itertuples():
             if lead.p >= params.p1:
                 break
-            if lead.id in taken:
+            if lead.variant in taken:
                 continue
             near = table[(table.chrom == lead.chrom) & ((table.pos - lead.pos).abs() <= params.kb * 1000)]
-            r2 = ld_r2(source, index_of[lead.id], index_of[near.id].to_numpy())
-            members = near[(r2 >= params.r2) & ~near.id.isin(taken)]  # the lead itself included (r² = 1)
-            taken.update(members.id)
-            loci.append({"phenotype": phenotype, "chrom": lead.chrom, "lead_id": lead.id, "lead_pos": lead.pos,
-                         "p": lead.p, "log10_p": lead.log10_p, "variants": len(members),
+            r2 = ld_r2(source, lead.variant, near.variant.to_numpy())
+            members = near[(r2 >= params.r2) & ~near.variant.isin(taken)]  # the lead itself included (r² = 1)
+            taken.update(members.variant)
+            loci.append({"phenotype": phenotype, "chrom": lead.chrom, "lead_id": lead.id, "lead_variant": lead.variant,
+                         "lead_pos": lead.pos, "p": lead.p, "log10_p": lead.log10_p, "variants": len(members),
                          "start": int(members.pos.min()), "end": int(members.pos.max())})
-    columns = ["phenotype", "chrom", "lead_id", "lead_pos", "p", "log10_p", "variants", "start", "end"]
+    columns = ["phenotype", "chrom", "lead_id", "lead_variant", "lead_pos", "p", "log10_p", "variants", "start", "end"]
     return pd.DataFrame(loci, columns=columns)
 
 
@@ -101,25 +103,29 @@ def _as_float(dosages: np.ndarray) -> np.ndarray:
 
 def lead_models(loci: pd.DataFrame, source, phenotypes, covariates) -> pd.DataFrame:
     """The full regression of each locus's lead variant with statsmodels OLS, covariate terms included,
-    on the samples where phenotype, covariates and genotype are all observed (as the scan does)."""
+    on the samples where phenotype, covariates and genotype are all observed (as the scan does, sex
+    chromosomes included: `sex_chromosome_model`)."""
     import statsmodels.api as sm
 
-    index_of = pd.Series(np.arange(len(source.variants)), index=source.variants["id"].to_numpy())
-    cov = covariates.values if covariates is not None else np.empty((len(source.samples), 0))
-    cov_names = covariates.names if covariates is not None else []
+    sex = source.samples["sex"].to_numpy() if "sex" in source.samples else np.zeros(len(source.samples))
     rows = []
     for locus in loci.itertuples():
-        v = int(index_of[locus.lead_id])
-        g = _as_float(source.read(v, v + 1))[0]
+        v = int(locus.lead_variant)
+        cov, cov_names, usable, scale = sex_chromosome_model(
+            sex_chromosome([locus.chrom])[0], sex,
+            covariates.values if covariates is not None else np.empty((len(source.samples), 0)),
+            covariates.names if covariates is not None else [])
+        g = _as_float(source.read(v, v + 1))[0] * scale
         y = phenotypes.values[:, phenotypes.names.index(locus.phenotype)]
-        use = ~np.isnan(y) & ~np.isnan(g) & ~np.isnan(cov).any(axis=1)
+        use = usable & ~np.isnan(y) & ~np.isnan(g) & ~np.isnan(cov).any(axis=1)
         design = pd.DataFrame({"intercept": 1.0, locus.lead_id: g[use], **dict(zip(cov_names, cov[use].T))})
         fit = sm.OLS(y[use], design).fit()
         for term in design.columns:
-            rows.append({"phenotype": locus.phenotype, "lead_id": locus.lead_id, "term": term,
+            rows.append({"phenotype": locus.phenotype, "lead_id": locus.lead_id, "lead_variant": v, "term": term,
                          "coef": fit.params[term], "se": fit.bse[term], "t_stat": fit.tvalues[term],
                          "p": fit.pvalues[term], "n": int(fit.nobs), "r2": fit.rsquared})
-    return pd.DataFrame(rows, columns=["phenotype", "lead_id", "term", "coef", "se", "t_stat", "p", "n", "r2"])
+    return pd.DataFrame(rows, columns=["phenotype", "lead_id", "lead_variant", "term", "coef", "se", "t_stat", "p",
+                                       "n", "r2"])
 
 
 def manhattan(table: pd.DataFrame, path: str | Path, title: str, thresholds: dict[str, float]) -> Path:

@@ -22,12 +22,15 @@ import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 
 from endopheno.errors import EndophenoError
-from endopheno.gwas.linear import Laps, PhenotypeGroup, associate_block, phenotype_groups
+from endopheno.genotypes.qc import missing_calls, sex_chromosome
+from endopheno.gwas.linear import (Laps, PhenotypeGroup, associate_block, phenotype_groups,
+                                   sex_chromosome_model)
 from endopheno.gwas.phenotypes import Aligned
 from endopheno.parallel import default_workers, map_items
 
-RESULT_COLUMNS = ["phenotype", "chrom", "pos", "id", "a1", "a2", "a1_freq", "n", "beta", "se", "t_stat", "p",
-                  "log10_p", "reason"]
+# `variant` is the row of the variant in the source's variant table: IDs need not be unique ('.' in a .pvar).
+RESULT_COLUMNS = ["phenotype", "chrom", "pos", "id", "variant", "a1", "a2", "a1_freq", "n", "beta", "se", "t_stat",
+                  "p", "log10_p", "reason"]
 
 
 @dataclass
@@ -60,6 +63,7 @@ class ScanSummary:
     filtered: int = 0                                           # variant × phenotype pairs below min-maf/mac
     samples: dict[str, int] = field(default_factory=dict)       # phenotype -> samples of its group
     unmatched: dict[str, list[str]] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)     # phenotype -> why its group was not tested
     phase_seconds: dict[str, float] = field(default_factory=dict)  # summed over workers
 
     @property
@@ -73,8 +77,16 @@ def scan(source, phenotypes: Aligned, covariates: Aligned | None, out: str | Pat
     options = options or GwasOptions()
     out = Path(out)
     cov = covariates.values if covariates is not None else np.empty((len(source.samples), 0))
-    groups = phenotype_groups(phenotypes.values, cov, phenotypes.names, covariates.names if covariates else None)
-    summary = ScanSummary(phenotypes=phenotypes.names, variants=len(source.variants),
+    left_out: dict[str, str] = {}
+    groups = phenotype_groups(phenotypes.values, cov, phenotypes.names, covariates.names if covariates else None,
+                              (covariates.source or None) if covariates else None, left_out)
+    kind = sex_chromosome(source.variants["chrom"])
+    groups_of = {"": groups, **_sex_chromosome_groups(set(kind) - {""}, source.samples, phenotypes, covariates,
+                                                      left_out)}
+    if not any(groups_of[k] for k in set(kind) or {""}):
+        raise EndophenoError("gwas: no phenotype can be tested (" + "; ".join(f"{k}: {v}" for k, v in
+                                                                            list(left_out.items())[:3]) + ")")
+    summary = ScanSummary(phenotypes=phenotypes.names, variants=len(source.variants), left_out=left_out,
                           samples={name: len(g.samples) for g in groups for name in g.names},
                           unmatched={"phenotypes": phenotypes.unmatched,
                                      "covariates": covariates.unmatched if covariates else []})
@@ -82,10 +94,10 @@ def scan(source, phenotypes: Aligned, covariates: Aligned | None, out: str | Pat
     shutil.rmtree(partial_dir, ignore_errors=True)
     (partial_dir / "results").mkdir(parents=True)
 
-    m, step = len(source.variants), options.block_variants
-    blocks = [(i, start, min(start + step, m)) for i, start in enumerate(range(0, m, step))]
+    m = len(source.variants)
+    blocks = _blocks(kind, options.block_variants)
     task = partial(_scan_block, variants=source.variants, folder=str(partial_dir / "results"))
-    shared = {"reader": getattr(source, "reader", source), "groups": groups, "options": options}
+    shared = {"reader": getattr(source, "reader", source), "groups": groups_of, "options": options}
     # Local workers are threads (the kernel's numpy, BLAS and Arrow calls release the GIL), each with a
     # single-threaded BLAS: blocks then overlap their reading, decoding and writing with the products.
     # One thread more than cores keeps every core busy while a thread runs Python glue under the GIL
@@ -116,11 +128,40 @@ def scan(source, phenotypes: Aligned, covariates: Aligned | None, out: str | Pat
     return summary
 
 
-def _scan_block(block, *, reader, groups: list[PhenotypeGroup], options: GwasOptions, variants, folder: str) -> dict:
-    index, start, stop = block
+def _blocks(kind: np.ndarray, step: int) -> list[tuple[int, int, int, str]]:
+    """(index, start, stop, kind) of blocks of at most `step` variants; a block never spans two kinds of
+    chromosome ("" autosomal, "X", "Y"), since each kind has its own phenotype groups."""
+    cuts = [0, *(np.flatnonzero(kind[1:] != kind[:-1]) + 1).tolist(), len(kind)]
+    spans = [(start, min(start + step, stop), str(kind[first]))
+             for first, stop in zip(cuts[:-1], cuts[1:]) for start in range(first, stop, step)]
+    return [(i, *span) for i, span in enumerate(spans)]
+
+
+def _sex_chromosome_groups(kinds: set[str], samples, phenotypes: Aligned, covariates: Aligned | None,
+                           left_out: dict[str, str]) -> dict[str, list[PhenotypeGroup]]:
+    """The phenotype groups of chrX and chrY variants (see `sex_chromosome_model`). A phenotype that cannot
+    be tested there is recorded in `left_out` as 'NAME on chrX' (or chrY)."""
+    sex = samples["sex"].to_numpy() if "sex" in samples else np.zeros(len(samples))
+    cov = covariates.values if covariates is not None else np.empty((len(samples), 0))
+    out = {}
+    for kind in sorted(kinds):
+        c, names, usable, _ = sex_chromosome_model(kind, sex, cov, covariates.names if covariates is not None else [])
+        missed: dict[str, str] = {}
+        out[kind] = phenotype_groups(np.where(usable[:, None], phenotypes.values, np.nan), c, phenotypes.names,
+                                     names, (covariates.source or None) if covariates is not None else None, missed)
+        left_out.update({f"{name} on chr{kind}": reason for name, reason in missed.items()})
+    return out
+
+
+def _scan_block(block, *, reader, groups: dict[str, list[PhenotypeGroup]], options: GwasOptions, variants,
+                folder: str) -> dict:
+    index, start, stop, kind = block
+    groups = groups[kind]
     timer: dict[str, float] = {}
     lap = Laps(timer)
     dosages = reader.read(start, stop)
+    if kind == "Y":  # haploid: a male's call counts 0 or 1 copies (PLINK 2), so halve it (in float)
+        dosages = np.where(missing_calls(dosages), np.nan, dosages.astype(np.float32)) / np.float32(2)
     lap("read")
     product = _torch_product(options.device) if _torch_device(options.device) != "cpu" else None
     tables, counts = [], {"tests": 0, "filtered": 0, "untested": {}, "seconds": timer}
@@ -128,15 +169,20 @@ def _scan_block(block, *, reader, groups: list[PhenotypeGroup], options: GwasOpt
     for group in groups:
         r = associate_block(dosages, group, missing=options.missing, precision=options.precision, product=product,
                             laps=lap)
-        mac = np.minimum(2 * r.n * r.a1_freq, 2 * r.n * (1 - r.a1_freq))
+        alleles = 2 * r.n
+        if kind == "Y":  # haploid: one allele per call, so the kernel's Σg / 2n is half the frequency
+            alleles, r.a1_freq = r.n, 2 * r.a1_freq
+        mac = np.minimum(alleles * r.a1_freq, alleles * (1 - r.a1_freq))
         keep = ~((np.minimum(r.a1_freq, 1 - r.a1_freq) < options.min_maf) | (mac < options.min_mac))
         counts["filtered"] += int((~keep).sum()) * len(r.names)
         tested = keep & (r.reason == "")
         counts["tests"] += int(tested.sum()) * len(r.names)
         for reason in set(r.reason[keep & ~tested]):
             counts["untested"][reason] = counts["untested"].get(reason, 0) + int((r.reason[keep] == reason).sum()) * len(r.names)
-        tables.append(_long_table(r, v, keep))
+        tables.append(_long_table(r, v, keep, start))
         lap("write")
+    if not tables:  # no phenotype testable on this block's chromosome (recorded in the summary's left_out)
+        return counts
     # Dictionary pages only for the repeated strings, lz4, and min/max statistics only where queries
     # filter: 3× faster to write than pyarrow's defaults (measured on 262k rows), and no larger.
     pq.write_table(pa.concat_tables(tables), f"{folder}/part-{index:05d}.parquet", compression="lz4",
@@ -146,8 +192,9 @@ def _scan_block(block, *, reader, groups: list[PhenotypeGroup], options: GwasOpt
     return counts
 
 
-def _long_table(r, v, keep: np.ndarray) -> pa.Table:
-    """One row per (phenotype, variant): variant columns repeat per phenotype as dictionary arrays."""
+def _long_table(r, v, keep: np.ndarray, start: int) -> pa.Table:
+    """One row per (phenotype, variant) of the block of variants from row `start`: variant columns repeat
+    per phenotype as dictionary arrays."""
     rows = np.flatnonzero(keep)
     p = len(r.names)
     variant_index = pa.array(np.tile(np.arange(len(rows), dtype=np.int32), p))
@@ -164,6 +211,7 @@ def _long_table(r, v, keep: np.ndarray) -> pa.Table:
         "phenotype": pa.DictionaryArray.from_arrays(pa.array(np.repeat(np.arange(p, dtype=np.int32), len(rows))),
                                                     pa.array(r.names, pa.string())),
         "chrom": repeat(v["chrom"]), "pos": np.tile(v["pos"].to_numpy()[rows], p), "id": repeat(v["id"]),
+        "variant": np.tile((start + rows).astype(np.int64), p),
         "a1": repeat(v["allele1"]), "a2": repeat(v["allele2"]),
         "a1_freq": np.tile(r.a1_freq[rows], p), "n": np.tile(r.n[rows], p),
         "beta": per_phenotype(r.beta), "se": per_phenotype(r.se), "t_stat": per_phenotype(r.t_stat),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,9 +29,12 @@ class StudySettings:
 def analyse(out: str | Path, source, phenotypes, covariates, settings: StudySettings | None = None,
             left_out: dict[str, str] | None = None) -> dict:
     """Write summary.json, hits.parquet, loci.parquet, leads.parquet and plots/ into `out`. `left_out`:
-    phenotypes screened out before the scan (name -> reason), recorded in the summary."""
+    phenotypes screened out before the scan (name -> reason), recorded in the summary with those the scan
+    itself could not test (its scan.json's `left_out`)."""
     settings = settings or StudySettings()
     out = Path(out)
+    scanned = json.loads((out / "scan.json").read_text()) if (out / "scan.json").exists() else {}
+    left_out = {**(left_out or {}), **scanned.get("left_out", {})}
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     study_wide = settings.genome_wide / max(1, len(phenotypes.names))
@@ -54,23 +58,39 @@ def analyse(out: str | Path, source, phenotypes, covariates, settings: StudySett
                       f"all {len(phenotypes.names)} phenotypes (strongest per variant)", thresholds)
     strongest = hits.groupby("phenotype")["log10_p"].max().sort_values(ascending=False)
     chosen = list(strongest.index[: settings.manhattans]) or lambdas["phenotype"].head(1).tolist()
+    files = file_names(chosen)
     for name in chosen:
-        table = duckdb.sql(f"""SELECT chrom::VARCHAR AS chrom, pos, log10_p FROM {results.results_sql(out)}
-                               WHERE reason IS NULL AND phenotype = '{name}'""").df()
-        results.manhattan(table, plots / f"manhattan_{name}.png", name, thresholds)
+        # A parameter, not a quoted string: a phenotype name may hold a quote.
+        table = duckdb.execute(f"""SELECT chrom::VARCHAR AS chrom, pos, log10_p FROM {results.results_sql(out)}
+                                   WHERE reason IS NULL AND phenotype = ?""", [name]).df()
+        results.manhattan(table, plots / f"manhattan_{files[name]}.png", name, thresholds)
 
     per_phenotype = lambdas.merge(hits.groupby("phenotype").size().rename("hits").reset_index(), how="left")
     per_phenotype = per_phenotype.merge(loci.groupby("phenotype").size().rename("loci").reset_index(), how="left")
     per_phenotype = per_phenotype.fillna({"hits": 0, "loci": 0}).astype({"hits": int, "loci": int})
     summary = {
         "thresholds": thresholds, "clump": asdict(clump),
-        "phenotypes": per_phenotype.to_dict(orient="records"), "phenotypes_left_out": left_out or {},
+        "phenotypes": per_phenotype.to_dict(orient="records"), "phenotypes_left_out": left_out,
         "lambda_gc_median": float(lambdas["lambda_gc"].median()) if len(lambdas) else None,
         "hits_genome_wide": int(len(hits)), "hits_study_wide": int(hits["study_wide"].sum()),
         "loci": int(len(loci)), "loci_study_wide": int(loci["study_wide"].sum()),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def file_names(names: list[str]) -> dict[str, str]:
+    """A name usable in a file name (or an MLflow key) for each phenotype name — '/', quotes and the like
+    become '_' — kept distinct where two names would otherwise meet ('gm/wm' and 'gm_wm')."""
+    out: dict[str, str] = {}
+    for name in names:
+        base = candidate = re.sub(r"[^\w.-]", "_", name)
+        suffix = 1
+        while candidate in out.values():
+            suffix += 1
+            candidate = f"{base}_{suffix}"
+        out[name] = candidate
+    return out
 
 
 def track(out: str | Path, summary: dict, scan: dict, inputs: dict, *, uri: str | None = None,
@@ -86,7 +106,8 @@ def track(out: str | Path, summary: dict, scan: dict, inputs: dict, *, uri: str 
         metrics = {"lambda_gc_median": summary["lambda_gc_median"], "hits_genome_wide": summary["hits_genome_wide"],
                    "hits_study_wide": summary["hits_study_wide"], "loci": summary["loci"],
                    "tests": scan["tests"], "tests_per_second": scan["tests"] / max(scan["seconds"], 1e-9)}
-        metrics.update({f"lambda_gc.{row['phenotype']}": row["lambda_gc"] for row in summary["phenotypes"]})
+        keys = file_names([row["phenotype"] for row in summary["phenotypes"]])
+        metrics.update({f"lambda_gc.{keys[row['phenotype']]}": row["lambda_gc"] for row in summary["phenotypes"]})
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
         top = pd.read_parquet(out / "hits.parquet").head(settings.top_hits)
         mlflow.log_table(top.astype({c: str for c in ("chrom", "id", "a1", "a2")}), "top_hits.json")
