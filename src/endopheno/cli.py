@@ -227,7 +227,7 @@ def gwas(
             raise EndophenoError(f"gwas: --pcs {pcs} needs a genotype store with at least {pcs} PCs (--genotypes)")
         pc_values = source.samples[columns].to_numpy(dtype=float)
         covariates = Aligned(pc_values, columns) if covariates is None else Aligned(
-            np.hstack([covariates.values, pc_values]), covariates.names + columns, covariates.unmatched)
+            np.hstack([covariates.values, pc_values]), covariates.names + columns, covariates.unmatched, covariates.source)
     phenotypes = align(read_table(pheno, split(pheno_name)), source.samples)
     for what, table in (("phenotype", phenotypes), ("covariate", covariates)):
         if table is not None and table.unmatched:

@@ -153,8 +153,10 @@ def _method(figure: Path, order: list[str]) -> int:
 def loci_table(loci: pd.DataFrame, leads: pd.DataFrame, regions: dict[str, str] | None) -> pd.DataFrame:
     """Independent loci, strongest first, with the lead variant's effect from its full model
     (leads.parquet: the term named after the variant) and, for a latent feature set, what the dimension is."""
-    effect = leads[leads["term"] == leads["lead_id"]][["phenotype", "lead_id", "coef", "se", "n"]]
-    t = loci.merge(effect, on=["phenotype", "lead_id"], how="left").sort_values("p", kind="stable")
+    # variants are told apart by their row (IDs may repeat); results written before that know only the ID
+    key = ["phenotype", "lead_variant" if "lead_variant" in loci and "lead_variant" in leads else "lead_id"]
+    effect = leads[leads["term"] == leads["lead_id"]][[*key, "coef", "se", "n"]]
+    t = loci.merge(effect, on=key, how="left").sort_values("p", kind="stable")
     out = pd.DataFrame({
         "phenotype": t["phenotype"], "lead variant": t["lead_id"], "chrom": t["chrom"], "position": t["lead_pos"],
         "p": t["p"].map("{:.2e}".format), "β (SE)": [f"{b:.3f} ({se:.3f})" for b, se in zip(t["coef"], t["se"])],
