@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 import yaml
 from deltalake import DeltaTable
@@ -348,22 +349,32 @@ def test_lineage_from_feature_version_and_gwas_run(repo):
     assert got["SELECT count(*) > 0 FROM gwas.results WHERE run = 'run1'"] == [[True]]
 
 
-def test_gwas_reads_a_feature_set_version_through_the_cohort_join(repo):
+def test_gwas_reads_a_feature_set_version_through_the_cohort_join(repo, tmp_path):
+    # v0 and v1 hold the same measurements (only model_version differs, which pheno.tsv leaves out): in a
+    # copy of the repository, a v2 with other values shows which version the export read.
+    shutil.copytree(repo, tmp_path / "repo", ignore=shutil.ignore_patterns("gwas"))
+    repo = tmp_path / "repo"
+    path = repo / "stores" / "features" / "atlas_regions"
+    v0 = open_table(path, version=0).to_pandas().set_index("subject_id")
+    doubled = open_table(path).to_pyarrow_table()
+    doubled = doubled.set_column(doubled.schema.get_field_index("whole_brain_volume_mm3"), "whole_brain_volume_mm3",
+                                 pa.compute.multiply(doubled["whole_brain_volume_mm3"], 2.0))
+    write_version(path, doubled, {**PROVENANCE, "model_version": "3", "schema_version": 2, "input_digest": "doubled"})
     out = repo / "stores" / "gwas" / "atlas_v0"
-    proc = cli("gwas", "--feature-set", "atlas_regions@0", "--out", str(out), "--no-mlflow", "--workers", "1",
-               cwd=repo, check=0)
+    proc = cli("gwas", "--feature-set", "atlas_regions@0", "--out", str(out), "--no-mlflow", "--workers", "1", cwd=repo)
     assert "feature set atlas_regions v0" in proc.stderr
     lineage = json.loads((out / "cohort" / "pheno.tsv.lineage.json").read_text())
     assert lineage["version"] == 0
     pheno = pd.read_csv(out / "cohort" / "pheno.tsv", sep="\t")
     covar = pd.read_csv(out / "cohort" / "covar.tsv", sep="\t")
+    assert np.allclose(pheno.whole_brain_volume_mm3, v0.loc[pheno.IID.astype(str), "whole_brain_volume_mm3"])
     joined = cli("sql", "SELECT count(*) AS n FROM cohort.analysis", "--format", "csv", cwd=repo, check=0)
     assert len(pheno) == len(covar) == int(joined.stdout.split()[-1])
     assert {"age", "sex", "pc1", "pc2", "pc3"} <= set(covar.columns)
     assert "whole_brain_volume_mm3" in pheno.columns and "model_version" not in pheno.columns
-    # 5 samples cannot carry 6 parameters: every test is reported as such, none invented.
-    results = pd.read_parquet(out / "results")
-    assert len(results) > 0 and (results["reason"] == "too few observations").all() and results["p"].isna().all()
+    # 5 samples cannot carry the model's coefficients: no p-value is invented, the run refuses in one line
+    assert proc.returncode == 2 and "no phenotype can be tested" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "results").exists()
     bad = cli("gwas", "--feature-set", "atlas_regions@7", "--out", str(out), "--no-mlflow", cwd=repo, check=2)
     assert "atlas_regions@7: no such version" in bad.stderr
 
@@ -377,3 +388,129 @@ def test_the_duckdb_command_line_client_answers_the_cohort_join(repo):
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout) == [{"n": _plain(repo, query)[query][0][0]}]
+
+
+def _toy_repo(root: Path, *, features: dict | None = None, participants: str | None = None, qc: str | None = None):
+    """A repository root for the cohort join, written in a second: the feature set `toy` (one version),
+    participants.tsv, qc.tsv and a genotype store's sample tables. Returns the catalog's params."""
+    from endopheno.featurestore.catalog import CatalogParams
+
+    (root / "features").mkdir(parents=True)
+    rows = features or {"subject_id": ["01", "02", "03"], "session": [None, None, None]}
+    table = pa.table({**rows, "x": [float(i) for i in range(len(rows["subject_id"]))]})
+    write_version(root / "stores" / "features" / "toy", table, {**PROVENANCE, "input_digest": "1"})
+    (root / "participants.tsv").write_text(participants or "participant_id\tage\nsub-01\t70\nsub-02\t71\nsub-03\t72\n")
+    (root / "qc.tsv").write_text(qc or "subject\tqc_correlation\tqc_pass\tnote\tetiv_mm3\n"
+                                       + "".join(f"{s}\t0.9\tTrue\t\t1.5e6\n" for s in ("01", "02", "03")))
+    geno = root / "geno"
+    geno.mkdir()
+    iids = ["01", "02", "03"]
+    pd.DataFrame({"fid": iids, "iid": iids, "pc1": [0.1, 0.2, 0.3]}).to_parquet(geno / "samples.parquet")
+    pd.DataFrame({"id": ["v1"]}).to_parquet(geno / "variants.parquet")
+    pd.DataFrame({"iid": pd.Series([], dtype=str), "reason": pd.Series([], dtype=str)}).to_parquet(geno / "removed_samples.parquet")
+    return CatalogParams(features="stores/features", definitions="features", participants="participants.tsv",
+                         imaging_qc="qc.tsv", genotypes="geno", gwas=None, attribution=None, covariates=["age"],
+                         analysis_feature_set="toy")
+
+
+def _joined(p, root: Path) -> list[tuple]:
+    from endopheno.featurestore.catalog import cohort_catalog
+
+    return cohort_catalog(p, root).execute("SELECT subject_id, session, dropped_at, reason FROM cohort.joined_toy "
+                                           "ORDER BY subject_id, session NULLS FIRST").fetchall()
+
+
+def test_the_catalog_reads_a_repository_whose_path_needs_escaping(tmp_path):
+    """deltalake percent-encodes its file URIs: a space, an accent or a '+' in the path must still work;
+    a '#' (whose history deltalake cannot read) is one clear error, not a commit lost."""
+    from endopheno.featurestore.store import snapshot_files
+
+    root = tmp_path / "sp ace é+"
+    p = _toy_repo(root)
+    assert all(Path(f).exists() for f in snapshot_files(root / "stores" / "features" / "toy"))
+    assert [r[2] for r in _joined(p, root)] == [None, None, None]
+    with pytest.raises(InputError, match="'#'"):
+        write_version(tmp_path / "a#b" / "set", pa.table({"subject_id": ["a"]}), {**PROVENANCE, "input_digest": "1"})
+
+
+def test_configuration_mistakes_in_the_cohort_tables_are_one_error_naming_them(tmp_path):
+    from dataclasses import replace
+
+    p = _toy_repo(tmp_path)
+    with pytest.raises(InputError, match="nope.tsv: imaging QC table not found"):
+        _joined(replace(p, imaging_qc="nope.tsv"), tmp_path)
+    assert {r[2] for r in _joined(replace(p, imaging_qc=None), tmp_path)} == {"imaging_qc"}   # null: no QC, said so
+    with pytest.raises(InputError, match="participants.tsv: no column education"):
+        _joined(replace(p, covariates=["age", "education"]), tmp_path)
+    (tmp_path / "participants.tsv").write_text("id\tage\nsub-01\t70\n")
+    with pytest.raises(InputError, match="participants.tsv: no column participant_id"):
+        _joined(p, tmp_path)
+
+
+def test_a_duplicated_participant_id_is_one_subject_dropped_with_the_reason(tmp_path):
+    p = _toy_repo(tmp_path, participants="participant_id\tage\nsub-01\t70\nsub-02\t71\nsub-02\t75\nsub-03\t72\n")
+    assert _joined(p, tmp_path) == [("01", None, None, None),
+                                    ("02", None, "participants", "duplicated in the participants table (2 rows)"),
+                                    ("03", None, None, None)]
+    from endopheno.featurestore.catalog import cohort_catalog
+
+    con = cohort_catalog(p, tmp_path)
+    assert con.execute("SELECT count(*), count(DISTINCT subject_id) FROM cohort.participants").fetchone() == (3, 3)
+
+
+def test_sessions_keep_their_subject_and_the_cohort_one_session_each(tmp_path):
+    """Multi-session rows carry subject_id and session (the MNI label split); QC is per session, and of a
+    subject's sessions that pass, the first by label is analysed, the others drop out saying why."""
+    from endopheno.featurestore.atlas import Atlas, to_table
+    from endopheno.featurestore.definitions import key_columns
+
+    labels = ["01_ses-1", "01_ses-2", "02_ses-1", "02_ses-2", "03"]
+    keys = key_columns(labels)
+    assert keys == {"subject_id": ["01", "01", "02", "02", "03"], "session": ["1", "2", "1", "2", None]}
+    atlas = Atlas(np.zeros((2, 2, 2), np.int16), ("a",), "test")
+    schema = pa.schema([("subject_id", pa.string()), ("session", pa.string()), *[(f"{r}_{k}", pa.float64()) for r in atlas.regions
+                        for k in ("volume_mm3", "mean_t1", "tbm_volume_mm3")], ("model_name", pa.string()), ("model_version", pa.string())])
+    rows = {s: {"volume": np.ones(2), "mean": np.ones(2), "tbm": np.ones(2)} for s in labels}
+    table = to_table(rows, atlas, schema, "atlas", "1")
+    assert table.select(["subject_id", "session"]).to_pydict() == keys
+
+    qc = "subject\tqc_correlation\tqc_pass\tnote\tetiv_mm3\n" + "".join(
+        f"{s}\t0.9\t{s != '02_ses-1'}\t\t1.5e6\n" for s in labels)            # 02's first session fails QC
+    p = _toy_repo(tmp_path, features=keys, qc=qc)
+    once = "one session per individual: ses-{} is analysed (the first by session label)"
+    assert _joined(p, tmp_path) == [("01", "1", None, None), ("01", "2", "sessions", once.format(1)),
+                                    ("02", "1", "imaging_qc", "flagged by imaging QC: low correlation with the template"),
+                                    ("02", "2", None, None), ("03", None, None, None)]
+
+
+def test_explain_analyze_cannot_write_through_the_read_only_guard(tmp_path):
+    import duckdb
+
+    from endopheno.errors import EndophenoError
+    from endopheno.featurestore.catalog import check_read_only, query
+
+    target = tmp_path / "x.csv"
+    for sql in (f"EXPLAIN ANALYZE COPY (SELECT 42) TO '{target}'", f"explain analyse copy (select 42) to '{target}'",
+                f"/* why */ EXPLAIN (ANALYZE) COPY (SELECT 42) TO '{target}'", "EXPLAIN ANALYZE CREATE TABLE t AS SELECT 1"):
+        with pytest.raises(EndophenoError, match="refused a (COPY|CREATE)"):
+            query(duckdb.connect(), sql)
+    assert not target.exists()
+    for sql in ("EXPLAIN SELECT 1", "EXPLAIN ANALYZE SELECT 1", "EXPLAIN (FORMAT json) SELECT 1"):
+        check_read_only(sql)
+
+
+def test_a_version_with_failed_subjects_is_never_unchanged(tmp_path):
+    """Failed subjects are in the commit; a rerun with the same inputs measures again, writes a version
+    when the result differs (fewer failures), and none when the same subjects fail again."""
+    from endopheno.featurestore.store import unchanged_version
+
+    path = tmp_path / "set"
+    t = pa.table({"subject_id": ["a"], "x": [1.0]})
+    meta = {**PROVENANCE, "input_digest": "1", "participants_sha256": "abc"}
+    assert write_version(path, t, {**meta, "failed_subjects": ["b"]}).created
+    assert history(path)[0]["failed_subjects"] == '["b"]' and history(path)[0]["participants_sha256"] == "abc"
+    assert unchanged_version(path, "1") is None
+    assert not write_version(path, t, {**meta, "failed_subjects": ["b"]}).created     # the same failure again
+    both = pa.table({"subject_id": ["a", "b"], "x": [1.0, 2.0]})
+    assert write_version(path, both, meta).version == 1
+    assert unchanged_version(path, "1") == (1, 2)

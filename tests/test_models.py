@@ -790,16 +790,7 @@ def test_a_model_trained_with_covariates_is_given_them_again_at_extraction(proje
     from endopheno.models.data import VolumeDataset, adjusted
     from endopheno.models.extract import load_model
 
-    root = tmp_path / "covariates"
-    root.mkdir()
-    for name in ("volumes.zarr", "features"):
-        shutil.copytree(project / name, root / name)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    uri = f"sqlite:///{root}/mlflow.db"
-    params["train"].update(tracking_uri=uri, final_model=True)
-    params["train"]["models"]["cnn3d"].update(covariates=["age"], epochs=2)
-    params["extract"].update(tracking_uri=uri, participants="participants.tsv")
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    root = covariates_project(project, tmp_path / "covariates", epochs=2)
     table = pd.read_csv(project / "participants.tsv", sep="\t")
     table.loc[3, "age"] = np.nan                      # one participant without an age
     table.to_csv(root / "participants.tsv", sep="\t", index=False)
@@ -807,7 +798,7 @@ def test_a_model_trained_with_covariates_is_given_them_again_at_extraction(proje
     trained = cli("train", "cnn3d", "--params", "params.yaml", cwd=root, check=0)
     assert "1 subjects left out (first: s003: age missing)" in trained.stderr
     assert registry(root)[("endopheno.cnn3d", 1)][1]["covariates"] == "age"
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     model = load_model("endopheno.cnn3d", "1")
     assert model.covariates == {"age": []} and model.covariate_effects.shape == (1, 1, *SHAPE)
     assert model.covariate_effects.abs().max() > 0
@@ -821,3 +812,61 @@ def test_a_model_trained_with_covariates_is_given_them_again_at_extraction(proje
     expected = model.predict(adjusted(x, age, model.covariate_effects), "probability").item()
     assert rows.at["s000", "p_ad"] == pytest.approx(expected, abs=1e-5)
     assert model.predict(x, "probability").item() != pytest.approx(expected, abs=1e-5)   # the age was removed
+
+
+def covariates_project(project: Path, root: Path, epochs: int) -> Path:
+    """A copy of `project` (volumes, feature definitions) with its own MLflow store, whose cnn3d is
+    trained with the covariate age (participants.tsv is the caller's to write)."""
+    root.mkdir()
+    for name in ("volumes.zarr", "features"):
+        shutil.copytree(project / name, root / name)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    uri = f"sqlite:///{root}/mlflow.db"
+    params["train"].update(tracking_uri=uri, final_model=True)
+    params["train"]["models"]["cnn3d"].update(covariates=["age"], epochs=epochs)
+    params["extract"].update(tracking_uri=uri, participants="participants.tsv")
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def test_extraction_rows_carry_the_subject_and_the_session_apart():
+    """The MNI row label "<id>_ses-<s>" becomes subject_id and session: the catalog joins on the subject."""
+    from endopheno.featurestore.definitions import definitions
+    from endopheno.models.extract import to_table
+
+    defn = definitions(ROOT / "features")["cnn3d_t1"]
+    labels = ["s000_ses-1", "s000_ses-2", "s001"]
+    results = {"embedding": np.zeros((3, 2), np.float32), "probability": np.array([0.1, 0.2, 0.3], np.float32)}
+    table = to_table(defn, labels, results, "endopheno.cnn3d", "1")
+    assert table["subject_id"].to_pylist() == ["s000", "s000", "s001"]
+    assert table["session"].to_pylist() == ["1", "2", None]
+
+
+def test_a_version_with_a_failed_subject_is_completed_by_the_next_extraction(project, tmp_path):
+    """The commit records the failed subjects and the participants' sha256; with the same inputs, the
+    next extraction is not 'unchanged' while a subject is missing, and measures it; the failure is
+    printed once per subject."""
+    import hashlib
+
+    import zarr
+    from deltalake import DeltaTable
+
+    root = covariates_project(project, tmp_path / "failed", epochs=1)
+    shutil.copy(project / "participants.tsv", root / "participants.tsv")
+    cli("train", "cnn3d", "--params", "params.yaml", cwd=root, check=0)
+
+    t1 = zarr.open_group(root / "volumes.zarr", mode="r+", path="mni")["T1w"]
+    voxel = t1[3, 5, 5, 5]
+    t1[3, 5, 5, 5] = np.nan                     # s003 unreadable; the store's digest does not change
+    out = cli("extract", "--feature-set", "cnn3d_t1", "--params", "params.yaml", cwd=root, check=1)
+    assert "failed subject s003: its MNI volume has non-finite" in out.stderr and out.stderr.count("s003") == 1
+    meta = DeltaTable(str(root / "features" / "cnn3d_t1")).history(1)[0]
+    assert meta["failed_subjects"] == '["s003"]'
+    assert meta["participants_sha256"] == hashlib.sha256((root / "participants.tsv").read_bytes()).hexdigest()
+
+    t1[3, 5, 5, 5] = voxel
+    again = cli("extract", "--feature-set", "cnn3d_t1", "--params", "params.yaml", cwd=root, check=0)
+    assert "new version 1" in again.stderr
+    table = DeltaTable(str(root / "features" / "cnn3d_t1"))
+    assert table.to_pyarrow_table().num_rows == 48 and table.history(1)[0]["failed_subjects"] == "[]"
+    assert "unchanged" in cli("extract", "--feature-set", "cnn3d_t1", "--params", "params.yaml", cwd=root, check=0).stderr

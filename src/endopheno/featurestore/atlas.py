@@ -168,7 +168,7 @@ def measure_subject(item: tuple[int, str, np.ndarray], *, store: str, modality: 
 def measure(store: str | Path, atlas: Atlas, *, modality: str = "T1w", seed: int = 0,
             workers: int | None = None, scheduler: str | None = None) -> tuple[dict[str, dict], list]:
     """Measure every preprocessed subject of the volume store. Returns ({subject: row}, failures),
-    failures as ``(subject, error)``; a failed subject does not stop the others."""
+    failures as ``(subject, reason)``; a failed subject does not stop the others."""
     from endopheno.parallel import map_items
     from endopheno.volumes.preprocess import open_mni
 
@@ -192,17 +192,19 @@ def measure(store: str | Path, atlas: Atlas, *, modality: str = "T1w", seed: int
     rows, failed = {}, []
     for (_, subject, _, _), result in map_items(measure_subject, items, workers=workers, scheduler=scheduler,
                                              label="atlas regions", shared=shared):
-        if isinstance(result, Exception):
-            failed.append((subject, result))
+        if isinstance(result, Exception):   # the reason alone: the report names the subject
+            failed.append((subject, result.reason if isinstance(result, InputError) else str(result)))
         else:
             rows[subject] = result
     return rows, failed
 
 
 def to_table(rows: dict[str, dict], atlas: Atlas, schema: pa.Schema, model_name: str, model_version: str) -> pa.Table:
-    """The feature set's Arrow table, subjects sorted, columns in `schema` order."""
+    """The feature set's Arrow table, subjects (MNI row labels) sorted, columns in `schema` order."""
+    from endopheno.featurestore.definitions import key_columns
+
     subjects = sorted(rows)
-    columns: dict[str, list] = {"subject_id": subjects, "session": [None] * len(subjects)}
+    columns: dict[str, list] = key_columns(subjects)
     for k, region in enumerate(atlas.regions):
         columns[f"{region}_volume_mm3"] = [float(rows[s]["volume"][k]) for s in subjects]
         columns[f"{region}_mean_t1"] = [float(rows[s]["mean"][k]) for s in subjects]
@@ -257,7 +259,8 @@ def load_atlas(p: FeatureParams, ds) -> Atlas:
 def build_atlas_set(defn, p: FeatureParams, *, scheduler: str | None = None) -> BuildReport:
     """Measure the atlas set `defn` on the volume store and commit it as a new version of
     `<p.store>/<name>`, unless the latest version was built from the same inputs (volume store digest,
-    atlas, parameters, producer version and schema version): then nothing is measured."""
+    atlas, parameters, producer version and schema version) with no subject failed: then nothing is
+    measured."""
     from endopheno.featurestore.store import check_schema, digest, unchanged_version, write_version
     from endopheno.tracking import git_revision, mlflow_run
     from endopheno.volumes.preprocess import open_mni, volume_store_digest
@@ -284,7 +287,8 @@ def build_atlas_set(defn, p: FeatureParams, *, scheduler: str | None = None) -> 
         if not rows:
             raise InputError(p.volumes, "no subject could be measured")
         table = to_table(rows, atlas, schema, defn.model_name, defn.model_version)
-        result = write_version(path, table, {**provenance, "git_revision": git_revision(), "mlflow_run_id": run.info.run_id})
+        result = write_version(path, table, {**provenance, "git_revision": git_revision(), "mlflow_run_id": run.info.run_id,
+                                             "failed_subjects": [s for s, _ in failed]})
         mlflow.log_params({"atlas": atlas.source, "regions": len(atlas.regions), "modality": p.modality, "seed": p.seed})
         mlflow.log_metrics({"subjects": len(rows), "failed": len(failed), "version": result.version})
         mlflow.set_tag("feature_set_version", str(result.version))

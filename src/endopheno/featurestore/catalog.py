@@ -7,10 +7,12 @@ root, so the views work from the plain `duckdb` client started there and from an
 repository (`endopheno sql` finds that root itself). Schemas:
 
 - ``features``: ``<set>`` (latest version) and ``<set>_v<N>`` (every version, pinned).
-- ``cohort``: ``participants`` (participants.tsv, with ``subject_id``), ``imaging_qc`` (qc.tsv),
-  ``joined_<set>`` (every subject of a feature set with the first join it fails, `dropped_at`, and
-  why), ``analysis_<set>`` (the analysis cohort: features ⨝ QC ⨝ participants with covariates ⨝
-  genotyped samples ⨝ PCs), ``dropout_<set>``, and ``analysis``/``dropout`` for `analysis_feature_set`.
+- ``cohort``: ``participants`` (participants.tsv, with ``subject_id``; one row per subject, and
+  ``participant_rows`` > 1 where its ID is duplicated), ``imaging_qc`` (qc.tsv, with ``subject_id`` and
+  ``session``), ``joined_<set>`` (every row of a feature set with the first join it fails, `dropped_at`,
+  and why), ``analysis_<set>`` (the analysis cohort: features ⨝ QC ⨝ participants with covariates ⨝
+  genotyped samples ⨝ PCs, one session per individual), ``dropout_<set>``, and ``analysis``/``dropout``
+  for `analysis_feature_set`.
 - ``genotypes``: ``samples``, ``variants``, ``pcs``, ``removed_samples``, ``dosage_rows`` (one row per
   variant: ``id`` and ``dosages``, a list in sample order, NULL = missing call) and the table macros
   ``dosages(['id', ...])`` (long: id, iid, dosage) and ``dosages_all()``. A DuckDB view cannot read
@@ -33,6 +35,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,7 +108,7 @@ def export_dosage_rows(store: Path, out: Path) -> Path:
 
 
 def _feature_views(con, p: CatalogParams, root: Path) -> dict[str, int]:
-    from endopheno.featurestore.store import history, snapshot_files
+    from endopheno.featurestore.store import PROVENANCE, history, snapshot_files
 
     versions, rows = {}, []
     for table_dir in sorted(Path(root, p.features).glob("*/_delta_log")):
@@ -121,13 +124,11 @@ def _feature_views(con, p: CatalogParams, root: Path) -> dict[str, int]:
         con.execute(f"CREATE VIEW features.{ident(name)} AS SELECT * FROM features.{ident(name + '_v' + str(versions[name]))}")
     for r in rows:
         r["is_latest"] = r["version"] == versions[r["feature_set"]]
-    con.execute("CREATE TABLE meta.feature_versions (feature_set VARCHAR, version BIGINT, timestamp TIMESTAMPTZ, "
-                "rows BIGINT, git_revision VARCHAR, mlflow_run_id VARCHAR, model_name VARCHAR, model_version VARCHAR, "
-                "volume_store_digest VARCHAR, params_hash VARCHAR, schema_version VARCHAR, input_digest VARCHAR, "
-                "is_latest BOOLEAN)")
+    types = {"feature_set": "VARCHAR", "version": "BIGINT", "timestamp": "TIMESTAMPTZ", "rows": "BIGINT",
+             **dict.fromkeys(PROVENANCE, "VARCHAR"), "is_latest": "BOOLEAN"}
+    con.execute(f"CREATE TABLE meta.feature_versions ({', '.join(f'{c} {t}' for c, t in types.items())})")
     if rows:
-        cols = ["feature_set", "version", "timestamp", "rows", "git_revision", "mlflow_run_id", "model_name",
-                "model_version", "volume_store_digest", "params_hash", "schema_version", "input_digest", "is_latest"]
+        cols = list(types)
         con.executemany(f"INSERT INTO meta.feature_versions VALUES ({', '.join('?' * len(cols))})",
                         [[r[c] for c in cols] for r in rows])
     return versions
@@ -151,19 +152,39 @@ def _definitions(con, p: CatalogParams, root: Path) -> None:
         con.executemany("INSERT INTO meta.feature_columns VALUES (?, ?, ?, ?, ?)", columns)
 
 
+def _participants_view(con, p: CatalogParams, root: Path, genotyped: bool) -> None:
+    """cohort.participants: one row per subject; `participant_rows` counts the file's rows with its ID (the
+    cohort join drops a duplicated subject: which row is right cannot be told)."""
+    if not (root / p.participants).exists():
+        raise InputError(p.participants, "participants table not found (catalog.participants in params.yaml)")
+    source = f"read_csv({q(p.participants)}, delim='\t', header=true, nullstr='n/a')"
+    have = column_names(con, f"SELECT * FROM {source}")
+    # the covariates matter only to the cohort join, which needs the genotype store
+    needed = ["participant_id", *(c for c in p.covariates if c not in IMAGING_COVARIATES and genotyped)]
+    if missing := [c for c in needed if c not in have]:
+        raise InputError(p.participants, f"no column {', '.join(missing)} (needed: participant_id and the covariates of "
+                         f"catalog.covariates in params.yaml; the table has {', '.join(have)})")
+    con.execute(f"CREATE VIEW cohort.participants AS SELECT regexp_replace(participant_id, '^sub-', '') AS subject_id, *, "
+                f"count(*) OVER (PARTITION BY subject_id) AS participant_rows FROM {source} "
+                f"QUALIFY row_number() OVER (PARTITION BY subject_id) = 1")
+
+
 def _cohort_views(con, p: CatalogParams, root: Path, feature_sets: list[str], genotyped: bool) -> None:
     if p.participants:
-        if not (root / p.participants).exists():
-            raise InputError(p.participants, "participants table not found (catalog.participants in params.yaml)")
-        con.execute(f"CREATE VIEW cohort.participants AS SELECT regexp_replace(participant_id, '^sub-', '') AS subject_id, "
-                    f"* FROM read_csv({q(p.participants)}, delim='\t', header=true, nullstr='n/a')")
-    if p.imaging_qc and (root / p.imaging_qc).exists():
-        con.execute(f"CREATE VIEW cohort.imaging_qc AS SELECT subject AS subject_id, qc_correlation, qc_pass, note, "
+        _participants_view(con, p, root, genotyped)
+    if p.imaging_qc:
+        if not (root / p.imaging_qc).exists():
+            raise InputError(p.imaging_qc, "imaging QC table not found (catalog.imaging_qc in params.yaml; null for none)")
+        # qc.tsv's `subject` is the MNI row label, "<subject>_ses-<session>" where sessions exist
+        # (volumes.preprocess.split_row_label): split it so that the join is on (subject_id, session).
+        con.execute(f"CREATE VIEW cohort.imaging_qc AS SELECT split_part(subject, '_ses-', 1) AS subject_id, "
+                    f"nullif(split_part(subject, '_ses-', 2), '') AS session, qc_correlation, qc_pass, note, "
                     f"etiv_mm3 FROM read_csv({q(p.imaging_qc)}, delim='\t', header=true, "
                     f"types={{'subject': 'VARCHAR', 'note': 'VARCHAR', 'etiv_mm3': 'DOUBLE'}})")
     else:
-        con.execute("CREATE VIEW cohort.imaging_qc AS SELECT NULL::VARCHAR AS subject_id, NULL::DOUBLE AS qc_correlation, "
-                    "NULL::BOOLEAN AS qc_pass, NULL::VARCHAR AS note, NULL::DOUBLE AS etiv_mm3 WHERE false")
+        con.execute("CREATE VIEW cohort.imaging_qc AS SELECT NULL::VARCHAR AS subject_id, NULL::VARCHAR AS session, "
+                    "NULL::DOUBLE AS qc_correlation, NULL::BOOLEAN AS qc_pass, NULL::VARCHAR AS note, "
+                    "NULL::DOUBLE AS etiv_mm3 WHERE false")
     if not p.participants or not genotyped:
         return
     pc_cols = pc_columns(con)
@@ -182,38 +203,56 @@ def _cohort_views(con, p: CatalogParams, root: Path, feature_sets: list[str], ge
 IMAGING_COVARIATES = ("etiv_mm3",)   # measured by preprocessing (volumes/qc.py), not in participants.tsv
 
 
+def column_names(con, relation: str) -> list[str]:
+    """The column names of a relation (a table, a view or a query)."""
+    return [r[0] for r in con.execute(f"SELECT column_name FROM (DESCRIBE {relation})").fetchall()]
+
+
 def pc_columns(con) -> str:
     """The genotype store's PC columns, as the select list of the cohort join."""
-    names = [r[0] for r in con.execute("SELECT column_name FROM (DESCRIBE genotypes.samples)").fetchall()]
+    names = column_names(con, "genotypes.samples")
     return ", ".join(f"s.{c}" for c in names if c.startswith("pc") and c[2:].isdigit())
 
 
 def joined_select(features: str, covariates: list[str], pc_cols: str) -> str:
     """The cohort join of one feature relation (a set's latest view or a pinned ``<set>_v<N>``). A covariate
-    is a participants column, or one of `IMAGING_COVARIATES` (from the imaging QC table)."""
+    is a participants column, or one of `IMAGING_COVARIATES` (from the imaging QC table).
+
+    Imaging QC is joined on (subject_id, session), participants and genotypes on subject_id. The analysis
+    cohort has one row per genotyped individual: of a subject's sessions that pass every join, the first
+    by session label (a row without a session first) is kept and the others drop out at `sessions`."""
     source = {c: ("qc" if c in IMAGING_COVARIATES else "p") + f".{ident(c)}" for c in covariates}
     missing_covariate = " OR ".join(f"{source[c]} IS NULL" for c in covariates) or "false"
     covariate_names = ", ".join(f"CASE WHEN {source[c]} IS NULL THEN {q(c)} END" for c in covariates) or "''"
     # Joins in order; a subject's `dropped_at` is the first one it fails, so the counts per step
     # add up and the report says why each subject is missing from the analysis cohort.
-    return f"""
+    joined = f"""
         SELECT f.*, {', '.join(source[c] for c in covariates)}{', ' if covariates else ''}
                s.fid, s.iid{', ' + pc_cols if pc_cols else ''},
                CASE WHEN NOT coalesce(qc.qc_pass, false) THEN 'imaging_qc'
-                    WHEN p.subject_id IS NULL THEN 'participants'
+                    WHEN p.subject_id IS NULL OR p.participant_rows > 1 THEN 'participants'
                     WHEN {missing_covariate} THEN 'covariates'
                     WHEN s.iid IS NULL THEN 'genotypes' END AS dropped_at,
                CASE WHEN qc.subject_id IS NULL THEN 'no imaging QC record'
                     WHEN NOT coalesce(qc.qc_pass, false) THEN 'flagged by imaging QC: ' || coalesce(qc.note, 'low correlation with the template')
                     WHEN p.subject_id IS NULL THEN 'not in the participants table'
+                    WHEN p.participant_rows > 1 THEN 'duplicated in the participants table (' || p.participant_rows || ' rows)'
                     WHEN {missing_covariate} THEN 'missing covariate(s): ' || concat_ws(', ', {covariate_names})
                     WHEN s.iid IS NULL AND r.iid IS NOT NULL THEN 'removed by genotype QC: ' || r.reason
                     WHEN s.iid IS NULL THEN 'not genotyped' END AS reason
         FROM {features} f
-        LEFT JOIN cohort.imaging_qc qc ON qc.subject_id = f.subject_id
+        LEFT JOIN cohort.imaging_qc qc ON qc.subject_id = f.subject_id AND qc.session IS NOT DISTINCT FROM f.session
         LEFT JOIN cohort.participants p ON p.subject_id = f.subject_id
         LEFT JOIN genotypes.samples s ON s.iid = f.subject_id
         LEFT JOIN genotypes.removed_samples r ON r.iid = f.subject_id"""
+    later = "dropped_at IS NULL AND row_number() OVER w > 1"
+    return f"""
+        SELECT * REPLACE (CASE WHEN {later} THEN 'sessions' ELSE dropped_at END AS dropped_at,
+                          CASE WHEN {later} THEN 'one session per individual: ' ||
+                                   coalesce('ses-' || first_value(session) OVER w, 'the scan without a session') ||
+                                   ' is analysed (the first by session label)' ELSE reason END AS reason)
+        FROM ({joined})
+        WINDOW w AS (PARTITION BY subject_id, dropped_at IS NULL ORDER BY session NULLS FIRST)"""
 
 
 def _genotype_views(con, p: CatalogParams, root: Path, dosages: bool = True) -> bool:
@@ -364,6 +403,8 @@ def connect(path: str | Path) -> duckdb.DuckDBPyConnection:
 
 # Statement types a query may have: reads. DuckDB's parser decides, not a regular expression.
 READ_TYPES = {"SELECT", "EXPLAIN", "PRAGMA"}
+# EXPLAIN's own words (after any comments), before the statement it explains
+EXPLAIN = re.compile(r"^(\s|/\*.*?\*/|--[^\n]*\n)*EXPLAIN\s*(\([^)]*\))?\s*(ANALY[SZ]E\b)?", re.IGNORECASE | re.DOTALL)
 
 
 def check_read_only(sql: str) -> list:
@@ -383,7 +424,14 @@ def check_read_only(sql: str) -> list:
         # it only reads. Writes inside one would still fail: the catalog is opened read-only.
         if kind == "MULTI" and s.query.lstrip().upper().startswith("PIVOT"):
             continue
-        if kind not in READ_TYPES or (kind == "PRAGMA" and "=" in s.query):
+        if kind == "EXPLAIN":
+            # EXPLAIN ANALYZE runs the statement it explains (EXPLAIN ANALYZE COPY ... TO writes the
+            # file): that statement must pass the same check.
+            explained = EXPLAIN.sub("", s.query, count=1)
+            if explained != s.query:
+                check_read_only(explained)
+                continue
+        if kind not in READ_TYPES or kind == "EXPLAIN" or (kind == "PRAGMA" and "=" in s.query):
             raise EndophenoError(f"sql: refused a {kind} statement: the catalog is for reading; only SELECT, WITH, "
                                  f"SHOW, DESCRIBE, SUMMARIZE, EXPLAIN and PRAGMA queries run")
     return statements

@@ -17,16 +17,16 @@ import duckdb
 from endopheno.errors import InputError
 from endopheno.featurestore.catalog import ident
 
-STEPS = ("imaging_qc", "participants", "covariates", "genotypes")
+STEPS = ("imaging_qc", "participants", "covariates", "genotypes", "sessions")   # sessions: one per individual
 
 
 @dataclass
 class CohortReport:
     feature_set: str
     version: int
-    subjects: int                           # rows of the feature set
+    subjects: int                           # rows of the feature set (a row per session)
     kept: int
-    dropped: dict[str, list[tuple[str, str]]]   # step -> [(subject_id, reason)]
+    dropped: dict[str, list[tuple[str, str]]]   # step -> [(subject_id[_ses-<session>], reason)]
 
     def summary(self) -> str:
         steps = ", ".join(f"{len(self.dropped.get(s, []))} at {s}" for s in STEPS)
@@ -47,8 +47,8 @@ def _check_set(con: duckdb.DuckDBPyConnection, feature_set: str) -> int:
 def report(con: duckdb.DuckDBPyConnection, feature_set: str) -> CohortReport:
     """Who of the feature set's subjects reaches the analysis cohort, and who drops out where and why."""
     version = _check_set(con, feature_set)
-    rows = con.execute(f"SELECT subject_id, dropped_at, reason FROM cohort.{ident('joined_' + feature_set)} "
-                       f"ORDER BY subject_id").fetchall()
+    rows = con.execute(f"SELECT subject_id || coalesce('_ses-' || session, ''), dropped_at, reason "
+                       f"FROM cohort.{ident('joined_' + feature_set)} ORDER BY subject_id, session NULLS FIRST").fetchall()
     dropped: dict[str, list] = {}
     for subject, step, reason in rows:
         if step is not None:

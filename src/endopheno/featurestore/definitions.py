@@ -31,6 +31,15 @@ TYPES = {"float64": pa.float64(), "float32": pa.float32(), "int64": pa.int64(), 
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
+def key_columns(labels: list[str]) -> dict[str, list]:
+    """The `subject_id` and `session` columns of the rows of MNI row labels (``<subject>_ses-<session>``
+    where sessions exist): the catalog joins participants and genotypes on the subject alone."""
+    from endopheno.volumes.preprocess import split_row_label
+
+    keys = [split_row_label(label) for label in labels]
+    return {"subject_id": [k[0] for k in keys], "session": [k[1] for k in keys]}
+
+
 @dataclass(frozen=True)
 class Column:
     name: str

@@ -4,7 +4,9 @@ one Delta commit per data version.
 A data version is a whole snapshot of the set (``mode="overwrite"``): readers at any version see a
 complete table, never a mixture. Each commit's metadata records where the data came from
 (`PROVENANCE`): git revision, MLflow run id, model name and version, digest of the volume store read,
-hash of the parameters, the schema version and an `input_digest` of all of them. Delta Lake makes the
+hash of the parameters, the schema version, an `input_digest` of all of them, the sha256 of the
+participants table where the producer read it, and `failed_subjects` (a JSON list; ``[]`` = complete).
+A version with failed subjects is never "unchanged": a rerun measures again. Delta Lake makes the
 commit atomic (the log entry is created exclusively, after the Parquet files are complete), so a crash
 mid-write leaves orphan Parquet files that no version references and the previous version intact; two
 writers racing for the same version make one of them fail with `CommitFailedError`, and
@@ -25,6 +27,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Schema, write_deltalake
@@ -35,7 +38,7 @@ from endopheno.errors import EndophenoError, InputError
 log = logging.getLogger(__name__)
 
 PROVENANCE = ("git_revision", "mlflow_run_id", "model_name", "model_version", "volume_store_digest",
-              "params_hash", "schema_version", "input_digest")
+              "params_hash", "schema_version", "input_digest", "participants_sha256", "failed_subjects")
 COMMIT_ID = "endopheno_commit_id"
 
 
@@ -80,8 +83,17 @@ def table_versions_hint(path: Path) -> str:
         return "no versions"
 
 
+def check_path(path: str | Path) -> None:
+    """deltalake (1.6) reads no commit history, and so no provenance, from a path with '#' in it (the
+    table itself reads, its history is empty): refuse such a path rather than write or report nothing."""
+    if "#" in str(Path(path).resolve()):
+        raise InputError(path, "deltalake cannot keep a feature set's history under a path with '#' in it; "
+                               "move or rename the folder")
+
+
 def history(path: str | Path) -> list[dict]:
     """Every version of the set, oldest first: version, timestamp (UTC), rows, and the provenance."""
+    check_path(path)
     rows = []
     for h in open_table(path).history():
         rows.append({"version": h["version"],
@@ -108,26 +120,36 @@ def digest(value) -> str:
 
 
 def unchanged_version(path: str | Path, input_digest: str) -> tuple[int, int] | None:
-    """(version, rows) of the latest version when it was built from `input_digest`, else None: a
-    rebuild from identical inputs then writes nothing."""
+    """(version, rows) of the latest version when it was built from `input_digest` and no subject failed,
+    else None: a rebuild from identical inputs then measures nothing, and one after failures measures
+    again. A version from before `failed_subjects` was recorded counts as incomplete."""
     if not DeltaTable.is_deltatable(str(path)):
         return None
     table = DeltaTable(str(path))
     latest = latest_metadata(table)
-    return (latest["version"], table.count()) if latest["input_digest"] == input_digest else None
+    complete = latest["failed_subjects"] == failed_subjects([])
+    return (latest["version"], table.count()) if complete and latest["input_digest"] == input_digest else None
+
+
+def failed_subjects(subjects) -> str:
+    """The commit metadata's `failed_subjects`: the sorted subjects as a JSON list."""
+    return json.dumps(sorted(map(str, subjects)))
 
 
 def write_version(path: str | Path, table: pa.Table, metadata: dict, *, attempts: int = 8) -> WriteResult:
     """Commit `table` as the feature set's new version, unless the latest version has the same
-    `metadata["input_digest"]`.
+    `metadata["input_digest"]` and the same failed subjects.
 
-    `metadata` holds the `PROVENANCE` keys. A table whose columns differ from the latest version's is
-    refused (`SchemaChangeError`) unless its ``schema_version`` is higher. A commit that loses a race
-    with another writer is retried up to `attempts` times (with a random back-off); the check for
-    identical inputs is repeated each time, so two writers of the same inputs make one version.
+    `metadata` holds the `PROVENANCE` keys, `failed_subjects` as a list (absent: none failed). A table
+    whose columns differ from the latest version's is refused (`SchemaChangeError`) unless its
+    ``schema_version`` is higher. A commit that loses a race with another writer is retried up to
+    `attempts` times (with a random back-off); the check for identical inputs is repeated each time,
+    so two writers of the same inputs make one version.
     """
     path = Path(path)
+    check_path(path)
     meta = {k: str(metadata.get(k, "")) for k in PROVENANCE}
+    meta["failed_subjects"] = failed_subjects(metadata.get("failed_subjects", []))
     commit_id = uuid.uuid4().hex
     with _writer_lock(path):
         return _write_version(path, table, meta, commit_id, attempts)
@@ -172,7 +194,8 @@ def _write_version(path: Path, table: pa.Table, meta: dict, commit_id: str, atte
         schema_mode = None
         if DeltaTable.is_deltatable(str(path)):
             latest = latest_metadata(DeltaTable(str(path)))
-            if latest["input_digest"] == meta["input_digest"]:
+            # Same inputs and the same subjects failing (measurement is deterministic): the same rows.
+            if (latest["input_digest"], latest["failed_subjects"]) == (meta["input_digest"], meta["failed_subjects"]):
                 return WriteResult(latest["version"], created=False)
             schema_mode = check_schema(path, table.schema, meta["schema_version"])
         try:
@@ -194,5 +217,6 @@ def snapshot_files(path: str | Path, version: int | None = None, relative_to: st
     """The Parquet files making up one version, relative to `relative_to` when given (so that a
     catalog's views work from any copy of the repository)."""
     uris = open_table(path, version).file_uris()
-    files = [u.removeprefix("file://") for u in uris]
+    # deltalake percent-encodes the paths ("sp%20ace", "%23", "%C3%A9"): decode them to file names.
+    files = [unquote(u.removeprefix("file://")) for u in uris]
     return [os.path.relpath(f, relative_to) for f in files] if relative_to is not None else files

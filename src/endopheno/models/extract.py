@@ -5,7 +5,7 @@ a version, loads it from the registry, runs it over the volume store and commits
 dimensions, penultimate features, class probability or prediction, as the set's definition says) as
 a new version of ``stores/features/<set>``, with the model name and version on every row and in the
 commit. Nothing is written when the latest version was extracted by the same model version from the
-same volumes.
+same volumes with no subject failed.
 """
 
 from __future__ import annotations
@@ -79,10 +79,13 @@ def load_model(name: str, version: str) -> VolumeModel:
 
 
 def to_table(defn: FeatureSet, subjects: list[str], results: dict[str, np.ndarray], name: str, version: str) -> pa.Table:
-    """The set's Arrow table: per-dimension columns from the embedding, the others from their output."""
+    """The set's Arrow table, a row per MNI row label of `subjects`: per-dimension columns from the
+    embedding, the others from their output."""
+    from endopheno.featurestore.definitions import key_columns
+
     dims = [f"{d:03d}" for d in range(results["embedding"].shape[1])] if "embedding" in results else []
     schema = defn.arrow_schema(dims)
-    columns: dict[str, object] = {"subject_id": subjects, "session": [None] * len(subjects)}
+    columns: dict[str, object] = key_columns(subjects)
     d = 0
     for c in defn.expanded_columns(dims):
         if c.output == "embedding":
@@ -138,13 +141,12 @@ def extract(defn: FeatureSet, p: ExtractParams, model_uri: str | None = None) ->
                     tags={"endopheno.kind": "features", "feature_set": defn.name, **{k: str(v) for k, v in provenance.items()}}) as run:
         results = {o: [] for o in outputs}
         subjects, start, t0 = [], 0, time.perf_counter()
-        failed = [(s, InputError(f"subject {s}", reason)) for s, reason in failed]
         for x, _ in loader:
             rows = keys[done[start:start + len(x)]]
             start += len(x)
             ok = finite(x)
             for subject in rows[~ok.numpy()]:
-                failed.append((subject, InputError(f"subject {subject}", NON_FINITE)))
+                failed.append((str(subject), NON_FINITE))   # the reason alone: the report names the subject
             x = x[ok].to(device)
             if not len(x):
                 continue
@@ -156,7 +158,8 @@ def extract(defn: FeatureSet, p: ExtractParams, model_uri: str | None = None) ->
             raise InputError(p.volumes, "no subject could be extracted")
         results = {o: np.concatenate(v) for o, v in results.items()}
         table = to_table(defn, subjects, results, name, version)
-        result = write_version(path, table, {**provenance, "git_revision": git_revision(), "mlflow_run_id": run.info.run_id})
+        result = write_version(path, table, {**provenance, "git_revision": git_revision(), "mlflow_run_id": run.info.run_id,
+                                             "failed_subjects": [s for s, _ in failed]})
         mlflow.log_params({"model": f"{name}/{version}", "outputs": ",".join(outputs), "device": str(device)})
         mlflow.log_metrics({"subjects": len(subjects), "failed": len(failed), "version": result.version,
                             "volumes_per_s": len(subjects) / seconds})

@@ -260,6 +260,13 @@ def _row_label(key: ScanKey) -> str:
     return f"{key.subject_id}_ses-{key.session}" if key.session else key.subject_id
 
 
+def split_row_label(label: str) -> tuple[str, str | None]:
+    """(subject_id, session or None) of an MNI row label, the inverse of `_row_label` (BIDS labels are
+    alphanumeric, so "_ses-" cannot occur inside one)."""
+    subject, _, session = str(label).partition("_ses-")
+    return subject, session or None
+
+
 def _create(store: Path, p: PreprocessParams) -> zarr.Group:
     """A fresh, empty `mni` group with the grid, template and mask."""
     shape, affine, template, mask = target_grid(p.voxel_size_mm, p.crop_margin_mm)
