@@ -403,6 +403,18 @@ def test_patch27_extracts_with_a_bad_subject_reported_and_the_rest_written(proje
     ad = np.array([int(s[1:]) % 2 for s in table["subject_id"].to_pylist()])
     assert ((p_ad >= 0) & (p_ad <= 1)).all() and p_ad[ad == 1].mean() > p_ad[ad == 0].mean()
 
+    # The same grid's shape with another origin: refused in one line, not read 8 mm off
+    from endopheno.volumes.store import publish
+
+    mni = zarr.open_group(copy / "volumes.zarr", mode="r+", path="mni")
+    shifted = np.asarray(mni.attrs["affine"])
+    shifted[0, 3] += 8
+    mni.attrs["affine"] = shifted.tolist()
+    publish(copy / "volumes.zarr")
+    refused = cli("extract", "--feature-set", "cnn3d_t1", "--model", "endopheno.patch27@champion", "--params", "params.yaml",
+                  cwd=copy, check=2)
+    assert "origin" in refused.stderr and "retrain" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
 
 def test_normalisation_fitted_beyond_the_training_subjects_fails_the_run(project, monkeypatch):
     from endopheno.models.data import covariate_effects, fit_normalisation

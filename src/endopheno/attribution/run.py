@@ -51,7 +51,7 @@ from endopheno.attribution.nifti import group_average, write_map
 from endopheno.attribution.score import below_randomised, haufe_pattern, jackknife_auc_se, score_map
 from endopheno.errors import InputError
 from endopheno.models.data import NON_FINITE, finite
-from endopheno.models.volume_model import VolumeModel
+from endopheno.models.volume_model import VolumeModel, check_grid
 
 log = logging.getLogger(__name__)
 
@@ -241,16 +241,6 @@ def explained_subjects(p: AttributeParams, model: VolumeModel, data, failed: lis
         raise InputError(p.store, "no subject could be read for attribution")
     kept = np.concatenate(kept)
     return torch.cat(xs).to(model.mask.device), data.subjects[chosen][kept], data.diagnosis[chosen][kept]
-
-
-def _check_grid(ds, model: VolumeModel, label: str) -> None:
-    from endopheno.models.volume_model import model_grid_affine
-
-    expected = model_grid_affine(np.asarray(ds.attrs["affine"]), model.factor)
-    shape = tuple(math.ceil(n / model.factor) for n in ds.brain_mask.shape)
-    if shape != tuple(model.mask.shape) or not np.allclose(expected, model.affine):
-        raise InputError(label, f"was trained on another grid ({list(model.mask.shape)}) than this volume store "
-                                f"gives at pooling factor {model.factor} ({list(shape)}): retrain it on this store")
 
 
 def truth_on_grid(path: str | Path, shape: tuple[int, int, int], affine) -> np.ndarray:
@@ -544,7 +534,7 @@ def attribute_model(p: AttributeParams, model_uri: str) -> AttributionReport:
     ds = open_mni(p.store)
     model = load_model(name, version)
     label = f"{name}/{version}"
-    _check_grid(ds, model, label)
+    check_grid(model, ds, label)
     model.to(device_of(p.device))
     truth = truth_on_grid(p.truth, tuple(model.mask.shape), model.affine) if p.truth else None
     final = Path(p.out) / name.removeprefix(REGISTRY_PREFIX)

@@ -24,7 +24,7 @@ import torch
 from endopheno.errors import InputError
 from endopheno.featurestore.atlas import BuildReport
 from endopheno.featurestore.definitions import FeatureSet
-from endopheno.models.volume_model import OUTPUTS, VolumeModel
+from endopheno.models.volume_model import OUTPUTS, VolumeModel, check_grid
 
 log = logging.getLogger(__name__)
 MODEL_URI = re.compile(r"^(?:models:/)?(?P<name>[\w.\-]+?)(?:@(?P<alias>\w+)|/(?P<version>\d+))$")
@@ -130,6 +130,11 @@ def extract(defn: FeatureSet, p: ExtractParams, model_uri: str | None = None) ->
         return BuildReport(defn.name, done[0], False, done[1], [], None)
 
     model = load_model(name, version)
+    check_grid(model, ds, f"{name}/{version}")
+    task_of = {"probability": "classification", "prediction": "regression"}
+    if wrong := [o for o in outputs if task_of.get(o, model.task) != model.task]:
+        raise InputError(defn.path or defn.name, f"output {wrong[0]!r} does not apply to {name}/{version}, a "
+                                                 f"{model.task} model")
     device = device_of(p.device)
     model.to(device)
     done = np.flatnonzero(np.array(ds.source_sha256.values.tolist(), dtype=str) != "")

@@ -104,3 +104,18 @@ def model_grid_affine(store_affine: np.ndarray, factor: int) -> np.ndarray:
     a[:3, 3] = a[:3, :3] @ np.full(3, (factor - 1) / 2) + a[:3, 3]
     a[:3, :3] = a[:3, :3] * factor
     return a
+
+
+def check_grid(model: VolumeModel, ds, label: str) -> None:
+    """Refuse a volume store whose grid, pooled as `model` pools it, is not the grid the model was trained
+    on: another shape would fail deep in the network, another affine would read every voxel from the
+    wrong place in the brain without an error."""
+    store = np.asarray(ds.attrs["affine"])
+    shape = tuple(-(-n // model.factor) for n in ds.brain_mask.shape)
+    if shape != tuple(model.mask.shape):
+        raise InputError(label, f"was trained on a {list(model.mask.shape)} grid; this volume store gives "
+                                f"{list(shape)} at pooling factor {model.factor}: retrain it on this store")
+    if not np.allclose(model_grid_affine(store, model.factor), model.affine):
+        raise InputError(label, f"was trained on a grid with origin {np.round(model.affine[:3, 3], 2).tolist()} mm and "
+                                f"voxels of {np.round(np.abs(np.diag(model.affine)[:3]), 2).tolist()} mm; this volume store "
+                                f"gives {np.round(model_grid_affine(store, model.factor)[:3, 3], 2).tolist()} mm: retrain it on this store")
