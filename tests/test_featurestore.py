@@ -341,6 +341,9 @@ def test_lineage_from_feature_version_and_gwas_run(repo):
         "whole_brain_volume_mm3", "--out", "stores/gwas/run1", "--tracking-uri", "sqlite:///stores/mlflow.db", cwd=repo, check=0)
     chain = cli("lineage", "--gwas", "stores/gwas/run1", cwd=repo, check=0).stdout
     assert "feature_set: atlas_regions" in chain and f"mlflow_run_id: {versions[1]['mlflow_run_id']}" in chain
+    assert cli("lineage", "--gwas", str(repo / "stores" / "gwas" / "run1"), cwd=repo, check=0).stdout == chain   # absolute
+    quoted = cli("lineage", "--gwas", "stores/gwas/it's", cwd=repo, check=2).stderr
+    assert "neither an MLflow run id nor the output folder" in quoted and "Traceback" not in quoted
     cli("catalog", cwd=repo, check=0)
     got = _plain(repo, "SELECT feature_set_version, model_version, feature_mlflow_run_id FROM meta.lineage WHERE gwas_run_id IS NOT NULL",
                  "SELECT count(*) > 0 FROM gwas.results WHERE run = 'run1'")

@@ -35,8 +35,11 @@ def gwas_lineage(run: str, store: str | Path, tracking_uri: str | None = None) -
     try:
         found = client.get_run(run)
     except MlflowException:
-        matches = client.search_runs([experiment.experiment_id], f"tags.out = '{Path(run)}'",
-                                     order_by=["attributes.start_time DESC"], max_results=1)
+        # Matched here, not in a filter string: a folder name may hold a quote, and the run may name the
+        # folder relative to the repository where the user gives it absolute (or the other way round).
+        wanted = Path(run).resolve()
+        matches = [r for r in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"])
+                   if r.data.tags.get("out") and Path(r.data.tags["out"]).resolve() == wanted]
         if not matches:
             raise InputError(run, "neither an MLflow run id nor the output folder of a recorded GWAS run") from None
         found = matches[0]
