@@ -262,8 +262,9 @@ def svm_pattern(voxels: np.ndarray, target: np.ndarray, c_grid, seed: int) -> tu
     """The activation pattern (Haufe et al. 2014) of a linear SVM on brain voxels ``[n, p]``, the
     baseline every heatmap should beat.
 
-    As the training baseline (`endopheno.models.train.linear_baseline`): voxels standardised with the
-    subjects' means and SDs, ``LinearSVC``; C is chosen from `c_grid` by stratified 3-fold
+    The method of the training baseline (`endopheno.models.train.linear_baseline`): voxels standardised
+    with the subjects' means and SDs, ``LinearSVC``; but on the maps as `reader` gives them (adjusted for
+    the model's covariates, before its high-pass and mirror averaging), the space the heatmaps are in; C is chosen from `c_grid` by stratified 3-fold
     cross-validation (balanced accuracy), then the SVM is fitted on every subject. Returns (pattern
     ``[p]``, C, cross-validated balanced accuracy)."""
     from sklearn.exceptions import ConvergenceWarning
