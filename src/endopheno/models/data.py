@@ -79,6 +79,8 @@ def task_data(ds, participants: str | Path, task: str, *, target: str = "diagnos
     target and every one of `covariates`; every other one is listed in ``excluded`` with the reason
     (never silently dropped).
     """
+    from endopheno.volumes.preprocess import split_row_label
+
     if task not in TASKS:
         raise InputError(task, f"unknown task (known: {', '.join(TASKS)})")
     table = participant_table(participants)
@@ -92,7 +94,7 @@ def task_data(ds, participants: str | Path, task: str, *, target: str = "diagnos
     qc = np.asarray(ds.qc_pass.values, dtype=bool)
     rows, targets, excluded = [], [], []
     for i, key in enumerate(keys):
-        subject = key.split("_ses-")[0]
+        subject = split_row_label(key)[0]
         if not done[i]:
             excluded.append((key, "not preprocessed"))
             continue
@@ -124,7 +126,7 @@ def task_data(ds, participants: str | Path, task: str, *, target: str = "diagnos
         rows.append(i), targets.append(float(value))
     rows = np.asarray(rows, dtype=np.int64)
     subjects = keys[rows]
-    groups = np.array([s.split("_ses-")[0] for s in subjects])
+    groups = np.array([split_row_label(s)[0] for s in subjects])
     diagnosis = np.array([str(table.at[g, "diagnosis"]) if g in table.index and "diagnosis" in table else ""
                           for g in groups])
     target_values = np.asarray(targets, dtype=np.float64)

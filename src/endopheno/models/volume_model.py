@@ -85,8 +85,10 @@ def reader(model: VolumeModel, store, rows: np.ndarray, keys: np.ndarray, partic
         if participants is None:
             raise InputError(f"{model.architecture} model", f"reads maps adjusted for {', '.join(covariates)}: give the "
                                                             "participants table that holds them")
+        from endopheno.volumes.preprocess import split_row_label
+
         table = participant_table(participants)
-        groups = np.array([str(k).split("_ses-")[0] for k in keys])
+        groups = np.array([split_row_label(k)[0] for k in keys])
         known = np.isin(groups, table.index)
         known[known] = table.loc[groups[known], list(covariates)].notna().all(axis=1).to_numpy()
         failed = [(str(k), f"no {', '.join(covariates)} in {participants}") for k in keys[~known]]
