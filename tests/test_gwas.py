@@ -555,3 +555,25 @@ def test_dead_and_constant_phenotypes_are_left_out_and_recorded(study, tmp_path)
     z = inverse_normal(Aligned(y, ["a", "b"])).values
     assert (stats.rankdata(z[:, 0]) == stats.rankdata(y[:, 0])).all() and np.isnan(z[0, 1])
     assert abs(z[:, 0].mean()) < 1e-12 and z[3, 0] == pytest.approx(stats.norm.ppf((4 - 0.375) / 4.25))
+
+
+def test_qq_points_are_each_phenotypes_sorted_p_values(tmp_path):
+    from endopheno.gwas.results import qq_points
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "results").mkdir()
+    tables = {name: -np.log10(rng.uniform(size=n)) for name, n in (("b", 5000), ("a", 700))}
+    rows = pd.DataFrame({"phenotype": np.repeat(list(tables), [len(v) for v in tables.values()]),
+                         "log10_p": np.concatenate(list(tables.values())), "reason": None})
+    rows = pd.concat([rows, pd.DataFrame({"phenotype": ["a"], "log10_p": [99.0], "reason": ["constant"]})])
+    rows.sample(frac=1, random_state=1).to_parquet(tmp_path / "results" / "part-00000.parquet", index=False)
+    points = {name: (expected, observed) for name, expected, observed in qq_points(tmp_path, ["a", "b"], max_points=10)}
+    assert list(points) == ["a", "b"]
+    for name, values in tables.items():
+        expected, observed = points[name]
+        ranked = np.sort(values)[::-1]           # an untested row (reason) is not a point
+        n = len(values)
+        assert (len(observed) == n if n <= 2000 else 2000 <= len(observed) <= 3000) and observed[0] == ranked[0] and observed[-1] == ranked[-1]
+        np.testing.assert_array_equal(observed[:min(n, 1000)], ranked[:1000])
+        assert np.all(np.isin(observed, ranked)) and np.all(np.diff(observed) <= 0)
+        assert expected[0] == pytest.approx(-np.log10(0.5 / n)) and expected[-1] == pytest.approx(-np.log10(1 - 0.5 / n))

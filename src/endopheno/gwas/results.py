@@ -160,8 +160,26 @@ def manhattan(table: pd.DataFrame, path: str | Path, title: str, thresholds: dic
     return Path(path)
 
 
-def qq(out: str | Path, path: str | Path, lambdas: pd.DataFrame, max_points: int = 20000) -> Path:
-    """QQ plot of observed vs expected −log10 p for every phenotype, thinned where points overlap."""
+def qq_points(out: str | Path, phenotypes: list[str], max_points: int = 200_000):
+    """Per phenotype, the points of its QQ plot: ``(name, expected, observed)`` −log10 p, strongest first,
+    for its 1000 strongest p-values and `max_points` / phenotypes evenly spaced ranks (at least 2000). Expected: the uniform order statistics (i − 0.5) / n."""
+    # One pass over the results, each phenotype's values gathered as a list and sorted in numpy: an
+    # ORDER BY over every test sorted 11.6 M rows by a string and took 4x as long (BENCHMARKS.md).
+    grouped = duckdb.sql(f"SELECT phenotype::VARCHAR AS phenotype, list(log10_p) AS log10_p FROM {results_sql(out)} "
+                         "WHERE reason IS NULL GROUP BY ALL").arrow().read_all()
+    values = {name: lp.values.to_numpy() for name, lp in zip(grouped.column("phenotype").to_pylist(),
+                                                              grouped.column("log10_p"))}
+    per_phenotype = max(2000, max_points // max(1, len(phenotypes)))
+    for name in phenotypes:
+        lp = -np.sort(-values.get(name, np.empty(0)))
+        expected = -np.log10((np.arange(1, len(lp) + 1) - 0.5) / len(lp))
+        keep = np.unique(np.concatenate([np.arange(min(len(lp), 1000)),
+                                         np.linspace(0, len(lp) - 1, min(len(lp), per_phenotype)).astype(int)]))
+        yield name, expected[keep], lp[keep]
+
+
+def qq(out: str | Path, path: str | Path, lambdas: pd.DataFrame) -> Path:
+    """QQ plot of observed vs expected −log10 p for every phenotype of `lambdas` (`qq_points`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,18 +187,9 @@ def qq(out: str | Path, path: str | Path, lambdas: pd.DataFrame, max_points: int
 
     fig, ax = plt.subplots(figsize=(4.8, 4.8), dpi=110)
     top = 0.0
-    # One read of the results, strongest first within each phenotype (in `lambdas`' order, which is
-    # also by phenotype), rather than one scan per phenotype.
-    ranked = duckdb.sql(f"SELECT log10_p FROM {results_sql(out)} WHERE reason IS NULL "
-                        "ORDER BY phenotype::VARCHAR, log10_p DESC").fetchnumpy()["log10_p"]
-    ends = np.cumsum(lambdas["tests"].to_numpy())
-    for end, count in zip(ends, lambdas["tests"]):
-        lp = ranked[end - count:end]
-        expected = -np.log10((np.arange(1, len(lp) + 1) - 0.5) / len(lp))
-        keep = np.unique(np.concatenate([np.arange(min(len(lp), 1000)),
-                                         np.linspace(0, len(lp) - 1, min(len(lp), max_points)).astype(int)]))
-        ax.plot(expected[keep], lp[keep], ".", ms=2, alpha=0.5 if len(lambdas) > 1 else 1)
-        top = max(top, expected[0] if len(lp) else 0)
+    for _, expected, observed in qq_points(out, list(lambdas["phenotype"])):
+        ax.plot(expected, observed, ".", ms=2, alpha=0.5 if len(lambdas) > 1 else 1)
+        top = max(top, expected[0] if len(expected) else 0)
     ax.plot([0, top], [0, top], color="black", lw=0.8)
     lam = lambdas["lambda_gc"]
     ax.set_title(f"QQ, {len(lambdas)} phenotype(s): λGC " +
