@@ -146,3 +146,15 @@ def test_two_populations_differ_in_allele_frequency():
 
 def test_atrophy_map_is_zero_without_effects():
     assert not atrophy_map({}).any()
+
+
+def test_truth_records_the_size_and_seed_it_was_made_with(tmp_path):
+    """`--subjects` and `--seed` override params.yaml: ground_truth/params.json must record the values the
+    cohort was generated with, not the parameter file's."""
+    p = small_params(6)
+    p["genetics"].update(chromosomes=1, causal=p["genetics"]["causal"][:1], extra_genotyped_samples=0, ungenotyped_subjects=0)
+    generate(tmp_path / "c", p, subjects=2, seed=p["seed"] + 5, workers=1)
+    recorded = json.loads((tmp_path / "c" / "ground_truth" / "params.json").read_text())
+    assert (recorded["subjects"], recorded["seed"]) == (2, p["seed"] + 5)
+    assert len(pd.read_csv(tmp_path / "c" / "ground_truth" / "subjects.tsv", sep="\t")) == 2
+    assert recorded["genetics"] == p["genetics"]  # the rest of the parameters as given

@@ -11,7 +11,7 @@ import yaml
 from conftest import cli
 from endopheno.genotypes.sources import BedSource
 from endopheno.gwas.simulate import write_study
-from endopheno.validation import score_loci
+from endopheno.validation import score_loci, validate_set
 
 CAUSAL = pd.DataFrame({"chrom": ["1", "2"], "pos": [1_000_000, 5_000_000], "id": ["1:1000000", "2:5000000"],
                        "region": ["hippocampus_L", "amygdala_L"]})
@@ -76,3 +76,24 @@ def test_validate_scores_a_real_gwas_and_reports_a_missing_one(tmp_path):
     assert missed["best_p"].iloc[0] <= missed["p_at_variant"].iloc[0] <= 1
     assert found["p_at_variant"].iloc[0] < threshold       # the planted variant itself carries the effect
     assert sorted(p.name for p in (tmp_path / "validation" / "plots").iterdir()) == ["toy_manhattan.png", "toy_qq.png"]
+
+
+def test_the_study_wide_threshold_counts_only_the_phenotypes_tested(tmp_path):
+    """Study-wide = genome-wide / number of phenotypes *tested*. Here 18 of 20 phenotypes are observed on 5
+    samples only, too few for the model, so the scan leaves them out: the threshold is 5e-8 / 2, and the
+    planted variant's lead (p ~ 9e-9) is found; counting the 18 untested phenotypes (5e-8 / 20) would miss it."""
+    prefix = write_study(tmp_path / "study", samples=200, variants=300, phenotypes=20, causal={50: 1.6}, seed=5)
+    pheno = pd.read_csv(prefix.parent / "pheno.tsv", sep="\t")
+    pheno.loc[5:, [f"y{j}" for j in range(2, 20)]] = float("nan")
+    pheno.to_csv(prefix.parent / "pheno.tsv", sep="\t", index=False, na_rep="NA")
+    cli("gwas", "--bfile", str(prefix), "--pheno", str(prefix.parent / "pheno.tsv"), "--covar",
+        str(prefix.parent / "covar.tsv"), "--out", str(tmp_path / "gwas" / "toy"), "--no-mlflow", "--workers", "1",
+        check=0)
+    summary = json.loads((tmp_path / "gwas" / "toy" / "summary.json").read_text())
+    assert [p["phenotype"] for p in summary["phenotypes"]] == ["y0", "y1"] and len(summary["phenotypes_left_out"]) == 18
+    lead = pd.read_parquet(tmp_path / "gwas" / "toy" / "loci.parquet").set_index("phenotype").loc["y0"]
+    assert 5e-8 / 20 < lead["p"] < 5e-8 / 2
+    planted = BedSource(prefix).variants.iloc[[50]].assign(region="strong")[["chrom", "pos", "id", "region"]]
+    s, table = validate_set(tmp_path / "gwas" / "toy", planted, window_kb=1)
+    assert s["phenotypes"] == 2 and s["study_wide_threshold"] == pytest.approx(5e-8 / 2)
+    assert s["found"] == 1 and s["false_loci"] == 0

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StudySettings:
-    genome_wide: float = 5e-8       # the study-wide threshold is genome_wide / number of phenotypes
+    genome_wide: float = 5e-8       # the study-wide threshold is genome_wide / number of phenotypes tested
     clump: ClumpParams = field(default_factory=ClumpParams)
     manhattans: int = 12            # per-phenotype Manhattan plots, for the phenotypes with the strongest hits
     top_hits: int = 100             # rows of the top-hits table logged to MLflow
@@ -37,7 +37,9 @@ def analyse(out: str | Path, source, phenotypes, covariates, settings: StudySett
     left_out = {**(left_out or {}), **scanned.get("left_out", {})}
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
-    study_wide = settings.genome_wide / max(1, len(phenotypes.names))
+    # Bonferroni over the phenotypes tested: one the scan left out (too few samples for its model) is no test
+    tested = [name for name in phenotypes.names if name not in left_out]
+    study_wide = settings.genome_wide / max(1, len(tested))
     thresholds = {"genome-wide": settings.genome_wide, "study-wide": study_wide}
 
     lambdas = results.lambda_gc(out)
@@ -55,7 +57,7 @@ def analyse(out: str | Path, source, phenotypes, covariates, settings: StudySett
     combined = duckdb.sql(f"""SELECT chrom::VARCHAR AS chrom, pos, max(log10_p) AS log10_p
                               FROM {results.results_sql(out)} WHERE reason IS NULL GROUP BY ALL""").df()
     results.manhattan(combined, plots / "manhattan_all.png",
-                      f"all {len(phenotypes.names)} phenotypes (strongest per variant)", thresholds)
+                      f"all {len(tested)} phenotypes tested (strongest per variant)", thresholds)
     strongest = hits.groupby("phenotype")["log10_p"].max().sort_values(ascending=False)
     chosen = list(strongest.index[: settings.manhattans]) or lambdas["phenotype"].head(1).tolist()
     files = file_names(chosen)

@@ -261,7 +261,9 @@ def generate(out: str | Path, params: dict[str, Any], *, subjects: int | None = 
             "head_scale": t["anatomy"]["head_scale"],
         } for t in tasks
     }, indent=1) + "\n")
-    (truth / "params.json").write_text(json.dumps({"subjects": n, "seed": seed, **p}, indent=2, default=str) + "\n")
+    # The size and seed the cohort was made with (arguments override params.yaml's), then the rest.
+    recorded = {"subjects": n, "seed": seed, **{k: v for k, v in p.items() if k not in ("subjects", "seed")}}
+    (truth / "params.json").write_text(json.dumps(recorded, indent=2, default=str) + "\n")
 
     if out.exists():
         shutil.rmtree(out)
