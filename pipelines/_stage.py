@@ -3,7 +3,8 @@ stage behaves exactly like the command a user would type."""
 
 import sys
 
-from endopheno.cli import main
+from endopheno.cli import err, main
+from endopheno.errors import EndophenoError
 from endopheno.params import load_params
 
 
@@ -21,5 +22,15 @@ def run(command: str, options: dict) -> None:
     main()
 
 
+def fail(message: str) -> None:
+    """A mistake in params.yaml found by the stage script itself: one line and exit status 2, as the
+    command's own user errors."""
+    err.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    sys.exit(2)
+
+
 def params(section: str) -> dict:
-    return load_params(section)
+    try:
+        return load_params(section)
+    except EndophenoError as e:
+        fail(str(e))

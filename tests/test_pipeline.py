@@ -150,3 +150,155 @@ def test_a_pipeline_run_from_a_clean_commit_is_not_called_dirty(tmp_path):
     assert git_revision(tmp_path) == clean and git_revision(tmp_path / "sub") == clean
     (tmp_path / "params.yaml").write_text("b\n")
     assert git_revision(tmp_path) == clean + "-dirty" and git_revision(tmp_path / "sub") == clean + "-dirty"
+
+
+def _dvc_index(tmp_path: Path) -> dict[str, dict]:
+    """dvc.yaml and params.yaml as DVC itself reads them (foreach, ${...} and all), in a copy: per stage,
+    the params it tracks (dotted key -> value) and the paths it depends on."""
+    import shutil
+
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    root = tmp_path / "dvc"
+    if not (root / ".dvc").exists():
+        root.mkdir()
+        Repo.init(str(root), no_scm=True).close()
+        for name in ("dvc.yaml", "params.yaml"):
+            shutil.copyfile(ROOT / name, root / name)
+    with Repo(str(root)) as repo:
+        return {s.name: {"params": {k: v for d in s.deps if isinstance(d, ParamsDependency) for k, v in d.read_params().items()},
+                         "deps": [d.def_path for d in s.deps if not isinstance(d, ParamsDependency)]}
+                for s in repo.index.stages}
+
+
+def test_adding_a_model_or_a_feature_set_reruns_none_of_the_stages_already_there(tmp_path):
+    """The foreach lists (train.pipeline, extract.sets, attribute.models, gwas.feature_sets) are not params
+    of the stages they expand to: adding an entry adds a stage and leaves the others' params as they were.
+    And each of those stages still tracks every other knob of its section."""
+    before = _dvc_index(tmp_path)
+    params = yaml.safe_load((tmp_path / "dvc" / "params.yaml").read_text())
+    params["train"]["pipeline"].append("slice2d")
+    params["extract"]["sets"]["slice2d_t1"] = "slice2d"
+    params["attribute"]["models"].append("slice2d")
+    params["gwas"]["feature_sets"].append("slice2d_t1")
+    (tmp_path / "dvc" / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    after = _dvc_index(tmp_path)
+    assert set(after) - set(before) == {"train@slice2d", "extract@slice2d_t1", "attribute@slice2d", "gwas@slice2d_t1"}
+    changed = sorted(s for s in before if before[s]["params"] != after[s]["params"])
+    assert not changed, f"these stages would rerun: {changed}"
+    for stage, section, listing in (("gwas@atlas_regions", "gwas", "feature_sets"), ("attribute@cnn3d", "attribute", "models")):
+        tracked = {k.removeprefix(section + ".") for k in after[stage]["params"] if k.startswith(section + ".")}
+        assert tracked == set(params[section]) - {listing}, (stage, set(params[section]) - {listing} ^ tracked)
+
+
+# Modules of endopheno a stage's command imports that are not its dependencies in dvc.yaml, and why.
+NOT_DEPENDENCIES = {
+    "errors.py": "the messages of user errors",
+    "params.py": "reads params.yaml: the values are the stages' params",
+    "parallel.py": "spreads work over processes or threads; the numbers do not depend on it",
+    "tracking.py": "MLflow bookkeeping",
+}
+# Read through the MNI volume store: ${preprocess.digest} stands for them (listing the preprocessing code
+# would retrain the models on every edit of it).
+MNI_READERS = {"volumes/preprocess.py": "open_mni, split_row_label", "volumes/store.py": "the group's layout",
+               "mni.py": "the template"}
+# train@MODEL lists them, and its metrics.json, a dependency of these stages, changes whenever it reruns.
+TRAINED = {f"models/{m}.py": "train@MODEL" for m in ("architectures", "basis", "data", "splits", "train", "volume_model")}
+NOT_DEPENDENCIES_OF = {
+    "extract_atlas": MNI_READERS,
+    "train": {**MNI_READERS, "featurestore/atlas.py": "soft_grey_matter, for a `gm` input no model of train.pipeline reads"},
+    "extract": {**MNI_READERS, **TRAINED, "featurestore/atlas.py": "BuildReport, the summary line"},
+    "attribute": {**{k: v for k, v in MNI_READERS.items() if k != "mni.py"}, **TRAINED,
+                  # imported by models/extract.py and featurestore/atlas.py to write feature sets, which it does not
+                  "featurestore/definitions.py": "writing feature sets", "featurestore/store.py": "writing feature sets"},
+    "catalog": MNI_READERS,
+    "gwas": MNI_READERS,
+    "validate": {"gwas/linear.py": "imported by gwas/results.py for the scan", "genotypes/qc.py": "the same"},
+}
+
+
+def _imports(tree, module: str, package: bool) -> set[str]:
+    """The endopheno modules a syntax tree imports, at any depth (the commands import lazily)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = module.split(".")[:len(module.split(".")) - node.level + package] if node.level else []
+            name = ".".join([*base, *([node.module] if node.module else [])])
+            found |= {name} | {f"{name}.{a.name}" for a in node.names}
+    return {m for m in found if m.split(".")[0] == "endopheno"}
+
+
+def _source(module: str) -> Path | None:
+    path = ROOT / "src" / Path(*module.split("."))
+    return next((p for p in (path / "__init__.py", path.with_suffix(".py")) if p.exists()), None)
+
+
+def _command_modules(script: Path, exempt: set[str]) -> set[str]:
+    """The files under src/endopheno that a stage script's `endopheno` command reads its code from: the
+    command's function in cli.py (with the helpers it calls) and, transitively, what they import."""
+    import ast
+
+    import endopheno.cli as cli
+
+    call = next(n for n in ast.walk(ast.parse(script.read_text()))
+                if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "run")
+    first = call.args[0]
+    words = (first.value if isinstance(first, ast.Constant) else first.values[0].value).split()
+    commands = {(c.name or c.callback.__name__.replace("_", "-")): c.callback for c in cli.app.registered_commands}
+    callback = commands.get(words[0])
+    if callback is None:
+        group = next(g for g in cli.app.registered_groups if g.name == words[0]).typer_instance
+        callback = next(c.callback for c in group.registered_commands if c.name == words[1])
+    functions = {n.name: n for n in ast.parse(Path(cli.__file__).read_text()).body if isinstance(n, ast.FunctionDef)}
+    todo, seen_functions, modules = [callback.__name__], set(), set()
+    while todo:
+        f = functions[todo.pop()]
+        seen_functions.add(f.name)
+        modules |= _imports(f, "endopheno.cli", False)
+        # the module's helpers (_catalog_params, ...) it calls; a command calls no other command
+        todo += [n.func.id for n in ast.walk(f) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                 and n.func.id.startswith("_") and n.func.id in functions and n.func.id not in seen_functions]
+    files, todo = set(), list(modules)
+    while todo:
+        module = todo.pop()
+        path = _source(module)
+        if path is None or path in files:
+            continue
+        rel = path.relative_to(ROOT / "src" / "endopheno").as_posix()
+        if rel in exempt:
+            continue
+        files.add(path)
+        parts = module.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+        todo += _imports(ast.parse(path.read_text()), module, path.name == "__init__.py")
+    return {p.relative_to(ROOT).as_posix() for p in files if p.name != "__init__.py" or p.read_text().count("import ") > 1}
+
+
+def test_every_stage_depends_on_the_code_its_command_runs(tmp_path):
+    """Editing a module that a stage's command imports reruns the stage: each is a dependency in dvc.yaml
+    (itself or its folder), or is named above with the reason it need not be."""
+    lacking = {}
+    for stage, s in _dvc_index(tmp_path).items():
+        name = stage.split("@")[0]
+        exempt = {**NOT_DEPENDENCIES, **NOT_DEPENDENCIES_OF.get(name, {})}
+        used = _command_modules(ROOT / "pipelines" / f"{name}.py", set(exempt))
+        missing = sorted(f for f in used if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in s["deps"]))
+        if missing:
+            lacking[stage] = missing
+    assert not lacking, lacking
+
+
+def test_a_stage_script_refuses_a_wrong_params_yaml_in_one_line(tmp_path):
+    """A mistake in params.yaml that a stage script meets before the command runs (a missing section, an
+    unknown genotype format) is one line and exit status 2, as the command's own."""
+    (tmp_path / "params.yaml").write_text("genotypes: {format: vcf, source: x, store: y}\ndask: {scheduler: null}\n")
+    for script, words in (("genotypes", "genotypes.format is 'vcf'"), ("gwas", "has no section 'gwas'")):
+        proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / f"{script}.py"), "atlas_regions"], cwd=tmp_path,
+                              capture_output=True, text=True, env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], (script, proc.returncode, proc.stderr)

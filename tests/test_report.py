@@ -261,3 +261,45 @@ def test_the_page_loads_every_figure_in_a_headless_browser(project):
             browser.close()
     assert sorted(src for src, _ in widths) == sorted(figures)
     assert all(width > 0 for _, width in widths), widths
+
+
+def test_the_lineage_names_the_version_the_attribution_explains(tmp_path):
+    """`endopheno attribute` explains the version holding attribute.alias (champion), which need not be the
+    one the latest training registered (metrics.json): the lineage still shows the attribution's run, and
+    which version it explains."""
+    from endopheno.attribution.run import EXPERIMENT
+    from endopheno.report.lineage import Tracking, lineage_section
+    from endopheno.tracking import mlflow_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with mlflow_run(EXPERIMENT, "attribute endopheno.cnn3d/1", uri=uri,
+                    tags={"endopheno.kind": "attribution", "model_name": "endopheno.cnn3d", "model_version": "1"}) as run:
+        pass
+    metrics = {"cnn3d": {"model": "endopheno.cnn3d", "version": "2", "champion": False, "mlflow_run_id": "0123abcd"}}
+    section = lineage_section(metrics, {}, {}, Tracking(uri), "abc")
+    rows = _Tables("".join(section.parts)).table("result").set_index("result")
+    attribution = rows.loc["attribution of endopheno.cnn3d"]
+    assert attribution["version"] == "v1" and attribution["MLflow run"] == run.info.run_id
+    assert "explains v1" in attribution["note"] and "registered v2" in attribution["note"]
+
+
+def test_a_feature_set_validation_could_not_score_is_named(tmp_path):
+    """validation.json lists the sets without a finished GWAS under `missing`: the report says so rather
+    than leaving them out of the table unmentioned."""
+    from endopheno.report import build_report, load_report_params
+
+    (tmp_path / "validation").mkdir()
+    (tmp_path / "validation" / "validation.json").write_text(json.dumps({
+        "feature_sets": {"atlas_regions": {"planted": 6, "found": 6, "false_loci": 0, "lambda_gc_median": 0.99,
+                                           "phenotypes": 30, "study_wide_threshold": 1.7e-9}},
+        "missing": {"ae_t1": f"{tmp_path}/gwas/ae_t1: no finished GWAS here"}}))
+    pd.DataFrame({"feature_set": ["atlas_regions"], "kind": ["planted"]}).to_csv(tmp_path / "validation" / "loci.tsv",
+                                                                              sep="\t", index=False)
+    params = {"out": str(tmp_path / "report"), "validation": str(tmp_path / "validation"),
+              "participants": str(tmp_path / "none.tsv"), "qc_dir": str(tmp_path / "none"),
+              "models_dir": str(tmp_path / "none"), "attribution": str(tmp_path / "none"), "gwas": str(tmp_path / "none"),
+              "features": str(tmp_path / "none"), "tracking_uri": f"sqlite:///{tmp_path / 'none.db'}"}
+    build_report(load_report_params(params))
+    validation = json.loads((tmp_path / "report" / "report.json").read_text())["sections"]["validation"]
+    assert validation["status"] == "partial"
+    assert any("validation of ae_t1" in m and "no finished GWAS" in m for m in validation["missing"]), validation

@@ -103,13 +103,13 @@ def preprocess(
 ) -> None:
     """Bring every native volume into MNI space: reorient, N4, affine registration, resample, mask, normalise;
     then the log-Jacobian maps of a non-linear registration to the template (tensor-based morphometry)."""
-    from endopheno.params import from_section, load_params
+    from endopheno.params import from_section, load_section
     from endopheno.volumes.morphometry import MorphometryParams, morphometry
     from endopheno.volumes.preprocess import PreprocessParams, mni_digest, open_mni, preprocess as run
     from endopheno.volumes.qc import montage, qc_table
     from endopheno.volumes.store import MNI, write_digest_file
 
-    section = load_params(None, params).get("preprocess", {}) if params.exists() else {}
+    section = load_section("preprocess", params)
     p = PreprocessParams.from_dict({**section, **({"voxel_size_mm": voxel_size} if voxel_size else {})})
     t0 = time.perf_counter()
     report = run(store, p, workers=workers, scheduler=scheduler)
@@ -155,9 +155,9 @@ def genotypes_import(
     from endopheno.genotypes.ids import imaging_subjects
     from endopheno.genotypes.importer import ImportParams, import_genotypes
     from endopheno.genotypes.sources import open_source
-    from endopheno.params import load_params
+    from endopheno.params import load_section
 
-    p = ImportParams.from_dict(load_params(None, params).get("genotypes") if params.exists() else None)
+    p = ImportParams.from_dict(load_section("genotypes", params))
     t0 = time.perf_counter()
     source = open_source(bfile=bfile, pfile=pfile)
     ids = imaging_subjects(subjects) if subjects else None
@@ -199,14 +199,16 @@ def gwas(
     from endopheno.gwas.run import GwasOptions, scan
     from endopheno.gwas.study import StudySettings, analyse, track
     from endopheno.genotypes.store import file_sha256
-    from endopheno.params import from_section, load_params
+    from endopheno.params import from_section, load_section
 
-    section = dict(load_params(None, params).get("gwas") or {}) if params.exists() else {}
+    section = dict(load_section("gwas", params))
     given = {"missing": missing, "precision": precision, "min_maf": min_maf, "min_mac": min_mac, "device": device,
              "block_variants": block_variants, "workers": workers, "scheduler": scheduler}
     options = from_section(GwasOptions, {**section, **{k: v for k, v in given.items() if v is not None}}, "gwas",
                            ignore={"genome_wide", "clump", "tracking_uri", "feature_sets", "out", "transform",
                                    "max_tied_fraction"})
+    if not isinstance(options.block_variants, int) or options.block_variants < 1:   # a range() step would traceback
+        raise EndophenoError(f"gwas: block_variants must be at least 1, not {options.block_variants}")
     transform = transform or section.get("transform") or "none"
     if transform not in ("none", "inverse_normal"):
         raise EndophenoError(f"gwas: transform must be none or inverse_normal, not {transform!r}")
@@ -299,16 +301,16 @@ CATALOG = typer.Option(None, help="Catalog file (default: params.yaml catalog.pa
 
 def _feature_params(params: Path):
     from endopheno.featurestore.atlas import FeatureParams
-    from endopheno.params import from_section, load_params
+    from endopheno.params import from_section, load_section
 
-    return from_section(FeatureParams, load_params(None, params).get("features") if params.exists() else None, "features")
+    return from_section(FeatureParams, load_section("features", params), "features")
 
 
 def _catalog_params(params: Path):
     from endopheno.featurestore.catalog import CatalogParams
-    from endopheno.params import from_section, load_params
+    from endopheno.params import from_section, load_section
 
-    return from_section(CatalogParams, load_params(None, params).get("catalog") if params.exists() else None, "catalog")
+    return from_section(CatalogParams, load_section("catalog", params), "catalog")
 
 
 def _print_table(table, title: str | None = None) -> None:
@@ -538,9 +540,9 @@ def extract(
     the feature set (nothing is written when model version and volumes are unchanged)."""
     from endopheno.featurestore.definitions import definition
     from endopheno.models.extract import ExtractParams, extract as extract_set
-    from endopheno.params import from_section, load_params
+    from endopheno.params import from_section, load_section
 
-    p = from_section(ExtractParams, load_params(None, params).get("extract") if params.exists() else None, "extract")
+    p = from_section(ExtractParams, load_section("extract", params), "extract")
     t0 = time.perf_counter()
     report = extract_set(definition(feature_set, p.definitions), p, model)
     _report_build(report, t0)
@@ -559,9 +561,9 @@ def attribute(
     checks, scores against a truth map beside a linear SVM's pattern), and an autoencoder's latent-to-region map;
     written to stores/attribution/MODEL and logged to MLflow."""
     from endopheno.attribution.run import attribute_model, load_attribute_params, model_uris
-    from endopheno.params import load_params
+    from endopheno.params import load_section
 
-    section = dict(load_params(None, params).get("attribute") or {}) if params.exists() else {}
+    section = dict(load_section("attribute", params))
     if subjects is not None:
         section["subjects"] = subjects
     if methods:
@@ -623,10 +625,10 @@ def report(params: Path = typer.Option(Path("params.yaml"), help="Parameter file
     """Write the report folder (stores/report: index.html, the figures as PNG, report.json): cohort, QC,
     models, attribution, GWAS, validation and lineage. A section whose input is missing names the command
     that writes it."""
-    from endopheno.params import load_params
+    from endopheno.params import load_section
     from endopheno.report import build_report, load_report_params
 
-    section = load_params(None, params).get("report") if params.exists() else None
+    section = load_section("report", params)
     summary = build_report(load_report_params(section))
     for reason in summary.missing:
         err.print(f"[yellow]missing[/yellow] {reason}", soft_wrap=True)
@@ -641,7 +643,11 @@ def models(tracking_uri: Optional[str] = typer.Option(None, help="MLflow trackin
 
     from endopheno.tracking import tracking_uri as uri
 
-    mlflow.set_tracking_uri(uri(tracking_uri))
+    tracking_uri = uri(tracking_uri)
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        # MLflow would create an empty store there, and the registry would look empty
+        raise InputError(tracking_uri.removeprefix("sqlite:///"), "no MLflow tracking store here (`endopheno train` creates it)")
+    mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient()
     rows = []
     for registered in client.search_registered_models():

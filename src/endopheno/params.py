@@ -16,12 +16,30 @@ def load_params(section: str | None = None, path: str | Path = "params.yaml") ->
     except FileNotFoundError:
         raise EndophenoError(f"{path}: no such parameter file") from None
     except yaml.YAMLError as e:
-        raise EndophenoError(f"{path}: not valid YAML ({e})") from None
+        # PyYAML's message spans lines (the offending line, a caret): the CLI prints one
+        raise EndophenoError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(params, dict):
+        raise EndophenoError(f"{path}: not a parameter file (its top level is a {type(params).__name__}, not sections)")
     if section is None:
         return params
     if section not in params:
         raise EndophenoError(f"{path}: has no section '{section}'")
-    return params[section]
+    return _mapping(params[section], f"{path}: section '{section}'")
+
+
+def load_section(section: str, path: str | Path = "params.yaml") -> dict[str, Any]:
+    """One section of a command's `--params` file: {} where the file does not exist (the command's
+    defaults), has no such section or leaves it null; an error where the section is not a mapping."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    return _mapping(load_params(None, path).get(section), f"{path}: section '{section}'") or {}
+
+
+def _mapping(value, what: str):
+    if value is not None and not isinstance(value, dict):
+        raise EndophenoError(f"{what} must map parameter names to values, not be {type(value).__name__} {str(value)[:40]}")
+    return value
 
 
 def from_section(cls, section: dict | None, name: str, ignore: set[str] = frozenset()):
@@ -29,6 +47,7 @@ def from_section(cls, section: dict | None, name: str, ignore: set[str] = frozen
     params.yaml must not silently fall back to a default)."""
     import dataclasses
 
+    _mapping(section, name)
     d = {k: v for k, v in (section or {}).items() if k not in ignore}
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:

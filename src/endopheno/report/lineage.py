@@ -16,6 +16,7 @@ from endopheno.report.html import Section, table
 
 MLFLOW_UI = "http://127.0.0.1:5000"     # where `mlflow ui` serves a sqlite store by default
 GWAS_EXPERIMENT = "endopheno.gwas"
+ATTRIBUTION_EXPERIMENT = "endopheno.attribution"
 
 
 class Tracking:
@@ -57,16 +58,18 @@ class Tracking:
                 return runs[0]
         return None
 
-    def attribution_run(self, model: str, version: str):
-        """The attribution run of a model version (its tag ``attribution_run``, set by `endopheno attribute`)."""
-        from mlflow.exceptions import MlflowException
-
-        if self.client is None:
+    def attribution_run(self, model: str):
+        """The latest finished attribution run of registered model `model`, whichever version it explained
+        (its tag ``model_version``): what `endopheno attribute` last wrote to the model's attribution
+        folder. That is the version of attribute.alias (champion), which need not be the version the latest
+        training registered."""
+        experiment = self.client.get_experiment_by_name(ATTRIBUTION_EXPERIMENT) if self.client else None
+        if experiment is None:
             return None
-        try:
-            return self.run(self.client.get_model_version(model, version).tags.get("attribution_run"))
-        except MlflowException:
-            return None
+        runs = self.client.search_runs([experiment.experiment_id],
+                                       f"tags.model_name = '{model}' AND attributes.status = 'FINISHED'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0] if runs else None
 
     def link(self, run) -> str:
         server = self.uri if self.uri.startswith("http") else MLFLOW_UI
@@ -106,9 +109,11 @@ def lineage_section(models: dict[str, dict], origins: dict[str, dict], gwas: dic
     for name, m in models.items():
         model, version = m.get("model", name), str(m.get("version"))
         row(f"model {model}", f"v{version}" + (" (champion)" if m.get("champion") else ""), m.get("mlflow_run_id"))
-        attribution = tracking.attribution_run(model, version)
+        attribution = tracking.attribution_run(model)
         if attribution is not None:
-            row(f"attribution of {model}", f"v{version}", attribution.info.run_id)
+            explained = attribution.data.tags.get("model_version", "?")
+            row(f"attribution of {model}", f"v{explained}", attribution.info.run_id,
+                note="" if explained == version else f"explains v{explained}; the latest training registered v{version}")
     for name, folder in gwas.items():
         origin = origins[name]
         made_by = f" from {origin['model_name']} v{origin['model_version']}" if origin.get("model_name") else ""

@@ -235,7 +235,10 @@ def validation(folder: Path) -> Section:
         return s
     v = json.loads(path.read_text())
     sets = pd.DataFrame.from_dict(v.get("feature_sets", {}), orient="index")
-    s.add(table(sets.rename_axis("feature set").reset_index()))
+    if len(sets):
+        s.add(table(sets.rename_axis("feature set").reset_index()))
+    for name, reason in v.get("missing", {}).items():     # a set `endopheno validate` found no finished GWAS of
+        s.lack(f"The validation of {name} ({reason})", f"{producer}, after the GWAS of {name} (DVC stage gwas@{name}),")
     if v.get("targets"):
         s.add(table(pd.DataFrame({"target": list(v["targets"]),
                                   "value": [json.dumps(x) if not isinstance(x, str) else x for x in v["targets"].values()]})))
