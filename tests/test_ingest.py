@@ -4,6 +4,7 @@ reruns are incremental; a kill -9 leaves a readable store that the rerun complet
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import shutil
 import signal
@@ -257,3 +258,73 @@ def test_bids_sessions_runs_and_bad_names(phantom_dir, tmp_path):
     keys = {key for key, _ in iter_native(tmp_path / "v.zarr")}
     assert keys == {ScanKey("a", "1"), ScanKey("a", "2"), ScanKey("b")}
     assert (tmp_path / "v.zarr" / "native" / "a" / "ses-1" / "T1w" / "zarr.json").exists()
+
+
+def _tiny(dtype="float32") -> nib.Nifti1Image:
+    rng = np.random.default_rng(0)
+    return nib.Nifti1Image((rng.random((10, 11, 12)) * 100 + 1).astype(dtype), np.diag([2.0, 2.0, 2.0, 1.0]))
+
+
+def _ingest_files(tmp_path: Path, files: dict[str, Path]):
+    (tmp_path / "m.csv").write_text("subject_id,path\n" + "".join(f"{s},{p}\n" for s, p in files.items()))
+    inputs, rejected = inputs_from_manifest(tmp_path / "m.csv")
+    return ingest(inputs, tmp_path / "v.zarr", rejected=rejected, workers=1)
+
+
+def test_voxel_offset_inside_the_header_is_rejected(tmp_path):
+    """A .nii whose vox_offset points into its header: nibabel reads the header's bytes as voxels, so
+    the volume stored would be garbage (and could not be rebuilt as a NIfTI)."""
+    good = _tiny("int16").to_bytes()
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(good), check=False)
+    header["vox_offset"] = 0
+    (tmp_path / "zero.nii").write_bytes(header.binaryblock + good[348:])
+    (tmp_path / "good.nii").write_bytes(good)
+    report = _ingest_files(tmp_path, {"zero": tmp_path / "zero.nii", "good": tmp_path / "good.nii"})
+    assert report.ingested == ["subject good T1w"]
+    assert report.rejected == [(str(tmp_path / "zero.nii"), "vox_offset 0 lies inside the header (the voxels of a single-file NIfTI start at byte 352 or later)")]
+    assert np.array_equal(np.asanyarray(read_native(tmp_path / "v.zarr", "good").dataobj), np.asanyarray(_tiny("int16").dataobj))
+
+
+def test_complex_and_rgb_voxels_are_rejected(tmp_path):
+    """A structural volume holds real intensities: complex data (whose NaNs the NaN check did not see,
+    and whose imaginary part preprocessing dropped) and RGB data are refused with their data type."""
+    cplx = np.asanyarray(_tiny("complex64").dataobj).copy()
+    cplx[1, 1, 1] = np.nan
+    _save(nib.Nifti1Image(cplx, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "complex.nii.gz")
+    rgb = np.zeros((10, 11, 12), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb["R"] = np.random.default_rng(0).integers(0, 255, rgb.shape)
+    _save(nib.Nifti1Image(rgb, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "rgb.nii.gz")
+    _save(_tiny(), tmp_path / "good.nii.gz")
+    report = _ingest_files(tmp_path, {"cplx": tmp_path / "complex.nii.gz", "rgb": tmp_path / "rgb.nii.gz", "good": tmp_path / "good.nii.gz"})
+    assert report.ingested == ["subject good T1w"]
+    reasons = dict(report.rejected)
+    assert reasons[str(tmp_path / "complex.nii.gz")] == "voxel data type complex64 is not a real number type (complex or RGB data are not a structural volume)"
+    assert reasons[str(tmp_path / "rgb.nii.gz")] == "voxel data type RGB is not a real number type (complex or RGB data are not a structural volume)"
+
+
+def test_rejection_reason_is_one_line(tmp_path):
+    """nibabel's message for a short data block spans two lines; the user gets one."""
+    (tmp_path / "short.nii").write_bytes(_tiny().to_bytes()[:1000])
+    report = _ingest_files(tmp_path, {"short": tmp_path / "short.nii"})
+    [(what, reason)] = report.rejected
+    assert what == str(tmp_path / "short.nii") and reason.startswith("truncated or unreadable voxel data (")
+    assert "\n" not in reason and "  " not in reason
+
+
+def test_bids_labels_must_match_their_folders(phantom_dir, tmp_path):
+    """The subject and session come from the file name; a name that contradicts its folders (a copied or
+    renamed file) is rejected rather than stored under the wrong subject or session."""
+    src = _good(phantom_dir, 0)
+    layout = ["sub-a/ses-1/anat/sub-a_ses-1_T1w.nii.gz", "sub-a/ses-2/anat/sub-a_ses-1_T1w.nii.gz",
+              "sub-b/ses-1/anat/sub-b_T1w.nii.gz", "sub-c/anat/sub-d_T1w.nii.gz", "sub-e/anat/sub-e_ses-1_T1w.nii.gz"]
+    for rel in layout:
+        (tmp_path / "bids" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, tmp_path / "bids" / rel)
+    inputs, rejected = inputs_from_bids(tmp_path / "bids")
+    assert [i.key for i in inputs] == [ScanKey("a", "1")]
+    assert sorted(rejected) == sorted([
+        (str(tmp_path / "bids" / "sub-a/ses-2/anat/sub-a_ses-1_T1w.nii.gz"), "its name says sub-a_ses-1 but it lies in sub-a/ses-2/anat (a BIDS file name repeats its folders' labels)"),
+        (str(tmp_path / "bids" / "sub-b/ses-1/anat/sub-b_T1w.nii.gz"), "its name says sub-b but it lies in sub-b/ses-1/anat (a BIDS file name repeats its folders' labels)"),
+        (str(tmp_path / "bids" / "sub-c/anat/sub-d_T1w.nii.gz"), "its name says sub-d but it lies in sub-c/anat (a BIDS file name repeats its folders' labels)"),
+        (str(tmp_path / "bids" / "sub-e/anat/sub-e_ses-1_T1w.nii.gz"), "its name says sub-e_ses-1 but it lies in sub-e/anat (a BIDS file name repeats its folders' labels)"),
+    ])

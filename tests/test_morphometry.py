@@ -77,3 +77,19 @@ def test_store_maps_are_incremental(preprocessed_store, tmp_path):
     changed = xr.open_zarr(store, group="mni")
     assert volume_store_digest(changed) != digest
     assert not np.allclose(changed["logjac"].values, maps)
+
+
+def test_rerun_after_a_crash_between_the_map_and_its_marker(preprocessed_store, tmp_path):
+    """The map and its done-marker are created (and, for new knobs, deleted) one after the other: a crash
+    in between leaves one without the other, and the rerun recomputes the maps (it stopped on a KeyError
+    or ContainsArrayError before)."""
+    from endopheno.volumes.morphometry import MAP
+
+    store = tmp_path / "v.zarr"
+    shutil.copytree(preprocessed_store, store)
+    quick = MorphometryParams(levels_mm=[4.0], iterations=[2])
+    for missing in (MAP, DONE):  # killed between deleting the old map and its marker; between creating the two
+        del zarr.open_group(str(store), path="mni", mode="r+")[missing]
+        assert len(morphometry(store, quick, workers=1)) == 6
+        ds = open_mni(store)
+        assert ds["logjac"].shape == ds["T1w"].shape and (ds[DONE].values == ds["source_sha256"].values).all()

@@ -165,3 +165,137 @@ def test_unknown_codec_is_a_clear_error(ingested_store, tmp_path):
     shutil.copytree(ingested_store, store)
     with pytest.raises(EndophenoError, match="preprocess.codec 'gzip': expected one of none, lz4, zstd"):
         preprocess(store, PreprocessParams(codec="gzip"), workers=1)
+
+
+def _store_of(tmp_path: Path, files: dict[str, Path]) -> Path:
+    """A fresh volume store holding `files` (subject -> NIfTI path)."""
+    (tmp_path / "m.csv").write_text("subject_id,path\n" + "".join(f"{s},{p}\n" for s, p in files.items()))
+    inputs, rejected = inputs_from_manifest(tmp_path / "m.csv")
+    report = ingest(inputs, tmp_path / "v.zarr", rejected=rejected, workers=1)
+    assert not report.rejected
+    return tmp_path / "v.zarr"
+
+
+def _first_native(ingested_store: Path) -> tuple[str, Path]:
+    """(subject, source file) of the store's first native volume."""
+    some = sorted((ingested_store / "native").glob("*/T1w"))[0]
+    return some.parent.name, Path(json.loads((some / "zarr.json").read_text())["attributes"]["source"]["path"])
+
+
+def test_single_frame_4d_is_preprocessed_as_3d(preprocessed_store, ingested_store, tmp_path):
+    """Ingest keeps a 4D file of one frame (as 3D); preprocessing gives it the very numbers of its 3D twin
+    (ITK read the 4D array as a 3D image of vectors and failed)."""
+    import gzip
+    import io
+
+    subject, source = _first_native(ingested_store)
+    raw = gzip.decompress(source.read_bytes())
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw), check=False)
+    header["dim"][0], header["dim"][4] = 4, 1  # the same voxels, declared (x, y, z, 1)
+    (tmp_path / "one_frame.nii.gz").write_bytes(gzip.compress(header.binaryblock + raw[348:]))
+    store = _store_of(tmp_path, {"fourd": tmp_path / "one_frame.nii.gz"})
+    report = preprocess(store, PreprocessParams(), workers=1)
+    assert report.processed == ["fourd"] and not report.failed
+    got, want = open_mni(store), open_mni(preprocessed_store)
+    assert np.array_equal(got["T1w"].sel(subject="fourd").values, want["T1w"].sel(subject=subject).values)
+    assert np.array_equal(got["template_to_native"].sel(subject="fourd").values, want["template_to_native"].sel(subject=subject).values)
+
+
+def _negative_store(ingested_store: Path, tmp_path: Path) -> Path:
+    """A store whose one subject has no voxel above 0 (a phantom volume negated)."""
+    _, source = _first_native(ingested_store)
+    img = nib.load(source)
+    nib.save(nib.Nifti1Image(-img.get_fdata(dtype=np.float32) - 1, img.affine), tmp_path / "negative.nii.gz")
+    return _store_of(tmp_path, {"neg": tmp_path / "negative.nii.gz"})
+
+
+def test_image_without_positive_voxels_fails_with_one_clear_line(ingested_store, tmp_path):
+    """A volume with no intensity above 0 passes ingest (it is neither empty nor constant) but cannot be
+    bias-corrected or registered: the subject fails with one line saying why, not ITK's multi-line error."""
+    store = _negative_store(ingested_store, tmp_path)
+    report = preprocess(store, PreprocessParams(), workers=1)
+    assert report.processed == []
+    assert report.failed == [("neg", "no voxel above 0: expected a magnitude image (bias correction and registration need positive intensities)")]
+    ds = open_mni(store)
+    assert str(ds["note"].values[0]) == "failed: " + report.failed[0][1] and ds["source_sha256"].values[0] == ""
+
+
+def test_params_refuse_unknown_keys_and_normalise_numbers():
+    """params.yaml's `preprocess` section: a typo is an error, not a silent default; `2` and `2.0` are the
+    same parameters (the same digest, so no rebuild); YAML 1.1's string `1e-2` is a number."""
+    import yaml
+
+    from endopheno.errors import EndophenoError
+
+    section = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["preprocess"]
+    assert PreprocessParams.from_dict(section).digest() == PreprocessParams().digest()  # the stage's own keys are skipped
+    with pytest.raises(EndophenoError, match="preprocess: unknown parameter.s. voxel_size"):
+        PreprocessParams.from_dict({**section, "voxel_size": 1.0})
+    assert PreprocessParams.from_dict({"voxel_size_mm": 2, "crop_margin_mm": 6}).digest() == PreprocessParams().digest()
+    assert PreprocessParams(voxel_size_mm=2).digest() == PreprocessParams().digest()
+    assert PreprocessParams.from_dict({"min_step_mm": "1e-2", "pyramid": [4, 2]}) == PreprocessParams()
+    assert PreprocessParams.from_dict({"crop_margin_mm": None}).crop_margin_mm is None
+
+
+def test_rerun_after_a_crash_while_the_group_was_created(ingested_store, tmp_path):
+    """A crash inside the group's creation leaves it without its last arrays: the rerun rebuilds it
+    (it stopped on a KeyError before)."""
+    import zarr
+
+    from endopheno.volumes.preprocess import _create
+
+    subject, source = _first_native(ingested_store)
+    store = _store_of(tmp_path, {subject: source})
+    _create(store, PreprocessParams())
+    del zarr.open_group(str(store), path="mni", mode="r+")["note"]  # killed before the last array was created
+    report = preprocess(store, PreprocessParams(), workers=1)
+    assert report.processed == [subject]
+    ds = open_mni(store)
+    assert ds["subject"].values.tolist() == [subject] and (ds["source_sha256"].values != "").all()
+
+
+def test_rerun_after_a_crash_while_rows_were_added(preprocessed_store, ingested_store, tmp_path):
+    """A crash after the per-subject arrays grew but before the new rows got their labels: the rerun
+    labels those rows, instead of leaving unlabelled rows behind and adding the subjects again."""
+    import zarr
+
+    store = tmp_path / "v.zarr"
+    shutil.copytree(preprocessed_store, store)
+    subject, source = _first_native(ingested_store)
+    (tmp_path / "m.csv").write_text(f"subject_id,path\nextra,{source}\n")
+    inputs, _ = inputs_from_manifest(tmp_path / "m.csv")
+    ingest(inputs, store, workers=1)
+    g = zarr.open_group(str(store), path="mni", mode="r+")
+    for _, arr in g.arrays():  # what preprocess does first when it adds a row; killed right after
+        if (arr.metadata.dimension_names or [None])[0] == "subject":
+            arr.resize((7, *arr.shape[1:]))
+    report = preprocess(store, PreprocessParams(), workers=1)
+    assert report.processed == ["extra"] and report.unchanged == 6
+    ds = open_mni(store)
+    assert ds["subject"].values.tolist() == open_mni(preprocessed_store)["subject"].values.tolist() + ["extra"]
+    assert (ds["source_sha256"].values != "").all() and ds["logjac"].shape[0] == 7
+    assert np.array_equal(ds["T1w"].sel(subject="extra").values, ds["T1w"].sel(subject=subject).values)
+
+
+def test_montage_shows_each_subject_once(preprocessed_store, tmp_path):
+    """With fewer subjects than panels, the evenly spread picks repeated subjects (6 subjects, 7 rows)."""
+    import matplotlib.image
+
+    png = montage(open_mni(preprocessed_store), tmp_path / "montage.png")
+    assert matplotlib.image.imread(png).shape[0] == 6 * 2.0 * 110  # one 2-inch row per subject at 110 dpi
+
+
+def test_qc_outputs_when_no_subject_is_preprocessed(ingested_store, tmp_path):
+    """Every subject failed: the QC table and the montage are still written (the montage raised a
+    ValueError, which `endopheno preprocess` showed as a traceback, without its summary line), and the
+    table's eTIV of a subject not done is NaN without numpy's "invalid value encountered in det"."""
+    import warnings
+
+    store = _negative_store(ingested_store, tmp_path)
+    assert len(preprocess(store, PreprocessParams(), workers=1).failed) == 1
+    ds = open_mni(store)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = qc_table(ds)
+    assert table["subject"].tolist() == ["neg"] and np.isnan(table["etiv_mm3"]).all()
+    assert montage(ds, tmp_path / "qc" / "montage.png").stat().st_size > 1000

@@ -49,7 +49,10 @@ class IngestReport:
 
 
 def inputs_from_bids(bids: str | Path) -> tuple[list[ScanInput], list[tuple[str, str]]]:
-    """Anatomical images of a BIDS dataset: sub-*/[ses-*/]anat/*.nii[.gz]. Returns (inputs, rejected)."""
+    """Anatomical images of a BIDS dataset: sub-*/[ses-*/]anat/*.nii[.gz]. Returns (inputs, rejected).
+
+    A file whose name's sub-/ses- labels differ from its folders' is rejected: it would be stored under
+    another subject or session than the one it lies in."""
     bids = Path(bids)
     if not bids.is_dir():
         raise EndophenoError(f"{bids}: not a directory (expected a BIDS dataset)")
@@ -58,6 +61,12 @@ def inputs_from_bids(bids: str | Path) -> tuple[list[ScanInput], list[tuple[str,
         m = BIDS_FILE.match(path.name)
         if not m:
             rejected.append((str(path), "file name does not follow BIDS (sub-<label>[_ses-<label>]..._<suffix>.nii[.gz])"))
+            continue
+        folders = path.parent.parent.relative_to(bids).parts  # ("sub-x",) or ("sub-x", "ses-y")
+        named = (f"sub-{m['sub']}",) + ((f"ses-{m['ses']}",) if m["ses"] else ())
+        if named != folders:
+            rejected.append((str(path), f"its name says {'_'.join(named)} but it lies in {path.parent.relative_to(bids).as_posix()} "
+                                        "(a BIDS file name repeats its folders' labels)"))
             continue
         inputs.append(ScanInput(ScanKey(m["sub"], m["ses"], m["suffix"]), path, int(m["run"] or 0)))
     if not inputs and not rejected:

@@ -128,9 +128,13 @@ def _task(row: int, *, store: str, p: MorphometryParams, template: np.ndarray, m
 def _arrays(g: zarr.Group, p: MorphometryParams, n: int, grid: tuple[int, int, int]) -> None:
     """Create the map and its done-marker (preprocessing grows them with every new subject, as all
     per-subject arrays); new knobs reset every row."""
-    if MAP in g and g[MAP].attrs.get("params_digest") != p.digest():
+    stale = MAP in g and g[MAP].attrs.get("params_digest") != p.digest()
+    if stale:
         log.info("morphometry parameters changed: every log-Jacobian map is recomputed")
-        del g[MAP], g[DONE]
+    if stale or (MAP in g) != (DONE in g):  # one without the other: a crash between creating (or deleting) the two
+        for name in (MAP, DONE):
+            if name in g:
+                del g[name]
     if MAP not in g:
         # stored as the volumes are (preprocess.codec): models read both maps, and zarr's default (zstd)
         # made the cnn3d loader 2.5x slower on log J than on T1 (BENCHMARKS.md)

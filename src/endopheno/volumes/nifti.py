@@ -20,6 +20,7 @@ from endopheno.errors import InputError
 
 MIN_VOXEL_MM, MAX_VOXEL_MM = 0.1, 10.0
 MIN_SHAPE = 8  # fewer voxels than this along an axis is not a brain volume
+SINGLE_FILE_MIN_OFFSET = {nib.Nifti1Image: 352, nib.Nifti2Image: 544}  # header + the 4 extension-flag bytes
 
 
 @dataclass
@@ -41,7 +42,7 @@ def _parse(raw_bytes: bytes, path: Path) -> tuple[nib.Nifti1Image, bytes]:
         try:
             raw_bytes = gzip.decompress(raw_bytes)
         except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-            raise InputError(path, f"truncated or corrupt gzip data ({e})") from None
+            raise InputError(path, f"truncated or corrupt gzip data ({_one_line(e)})") from None
     if len(raw_bytes) < 348:
         raise InputError(path, f"not a NIfTI file (only {len(raw_bytes)} bytes)")
     size = int.from_bytes(raw_bytes[:4], "little")
@@ -51,17 +52,26 @@ def _parse(raw_bytes: bytes, path: Path) -> tuple[nib.Nifti1Image, bytes]:
     try:
         img = klass.from_bytes(raw_bytes)
     except Exception as e:  # noqa: BLE001 - nibabel raises many kinds for a bad header
-        raise InputError(path, f"not a valid NIfTI file ({e})") from None
+        raise InputError(path, f"not a valid NIfTI file ({_one_line(e)})") from None
     # The loaded header has vox_offset reset to 0 by nibabel; the file's own header knows where voxels start.
     offset = int(klass.header_class.from_fileobj(io.BytesIO(raw_bytes), check=False)["vox_offset"])
+    first = SINGLE_FILE_MIN_OFFSET[klass]
+    if offset < first:  # nibabel would read the header's own bytes as voxels
+        raise InputError(path, f"vox_offset {offset} lies inside the header (the voxels of a single-file NIfTI start at byte {first} or later)")
     return img, raw_bytes[:offset]
+
+
+def _one_line(e: Exception) -> str:
+    """An exception's message on one line (nibabel's span several)."""
+    return " ".join(str(e).split())
 
 
 def read_volume(path: str | Path) -> Volume:
     """Read and validate a 3D NIfTI-1/2 volume (.nii or .nii.gz).
 
     A 4D file with a single frame is accepted as 3D (noted); one with several frames is rejected, as
-    the volume store holds structural 3D images. Raises `InputError` naming the file and the reason.
+    the volume store holds structural 3D images; so are complex and RGB data. Raises `InputError`
+    naming the file and the reason (one line).
     """
     path = Path(path)
     try:
@@ -94,10 +104,14 @@ def read_volume(path: str | Path) -> Volume:
     if np.any(zooms < MIN_VOXEL_MM) or np.any(zooms > MAX_VOXEL_MM):
         raise InputError(path, f"absurd voxel size {tuple(round(float(z), 3) for z in zooms)} mm (expected {MIN_VOXEL_MM}-{MAX_VOXEL_MM})")
 
+    dtype = img.get_data_dtype()
+    if dtype.kind not in "iuf":  # complex (whose NaNs the check below would not see) or RGB
+        raise InputError(path, f"voxel data type {img.header.get_value_label('datatype')} is not a real number type "
+                               "(complex or RGB data are not a structural volume)")
     try:
         raw = np.asanyarray(img.dataobj.get_unscaled())
     except Exception as e:  # noqa: BLE001 - a short data block raises from deep inside nibabel
-        raise InputError(path, f"truncated or unreadable voxel data ({e})") from None
+        raise InputError(path, f"truncated or unreadable voxel data ({_one_line(e)})") from None
     raw = raw.reshape(shape[:3])
     if raw.dtype.kind == "f":
         bad = int((~np.isfinite(raw)).sum())

@@ -53,6 +53,8 @@ CODECS = {"none": None, "lz4": BloscCodec(cname="lz4", clevel=5, shuffle="shuffl
 ALGORITHM_VERSION = 3  # 3: registration on a copy of the scan at registration_voxel_mm
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # ITK's physical frame is LPS; NIfTI's is RAS
+# Keys of params.yaml's `preprocess` section that are the stage's, not the algorithm's
+STAGE_KEYS = frozenset({"store", "digest", "qc_dir", "workers", "morphometry"})
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,23 @@ class PreprocessParams:
     codec: str = "none"                 # of the preprocessed volumes: "none" (fastest reads), "lz4" or "zstd"
     seed: int = 1                       # for the metric's sampling; 0 would mean "the wall clock" to ITK
 
+    def __post_init__(self):
+        # A whole number given for a float knob (`voxel_size_mm: 2`) is the same parameter as 2.0: the
+        # same digest, so no rebuild. Sequences are tuples (hashable, as the lru_caches need).
+        for name, f in self.__dataclass_fields__.items():
+            value = getattr(self, name)
+            if f.type in ("float", "float | None") and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
+            elif isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessParams":
-        known = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        """From params.yaml's `preprocess` section. The stage's own keys (`STAGE_KEYS`) are skipped; any
+        other key that is not a parameter is an error (a typo must not silently fall back to a default)."""
+        from endopheno.params import from_section
+
+        return from_section(cls, d, "preprocess", ignore=STAGE_KEYS)
 
     def digest(self) -> str:
         """Identity of the output: params and algorithm version (a change rebuilds the group)."""
@@ -208,7 +223,11 @@ def _preprocess_image(img: nib.Nifti1Image, p: PreprocessParams) -> Preprocessed
     seconds = {}
     t = time.perf_counter()
     ras = nib.as_closest_canonical(img)
-    moving = to_sitk(np.asarray(ras.dataobj, dtype=np.float32), ras.affine)
+    data = np.asarray(ras.dataobj, dtype=np.float32)
+    data = data.reshape(data.shape[:3])  # a 4D file of one frame (ingest keeps it): ITK would read (x, y, z, 1) as vectors
+    if not (data > 0).any():
+        raise EndophenoError("no voxel above 0: expected a magnitude image (bias correction and registration need positive intensities)")
+    moving = to_sitk(data, ras.affine)
     moving = sitk.Cast(sitk.Threshold(moving, 0.0, 1e30, 0.0), sitk.sitkFloat32)  # N4 works on positive values
     seconds["reorient"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -267,6 +286,9 @@ def split_row_label(label: str) -> tuple[str, str | None]:
     return subject, session or None
 
 
+PER_SUBJECT = ("subject", "template_to_native", "qc_correlation", "qc_pass", "source_sha256", "note")  # and the modality's
+
+
 def _create(store: Path, p: PreprocessParams) -> zarr.Group:
     """A fresh, empty `mni` group with the grid, template and mask."""
     shape, affine, template, mask = target_grid(p.voxel_size_mm, p.crop_margin_mm)
@@ -298,8 +320,9 @@ def _create(store: Path, p: PreprocessParams) -> zarr.Group:
     return g
 
 
-def _append_rows(g: zarr.Group, modality: str, labels: list[str]) -> None:
-    n0 = g["subject"].shape[0]
+def _append_rows(g: zarr.Group, n0: int, labels: list[str]) -> None:
+    """Rows n0.. for `labels`: every per-subject array is resized to n0 + len(labels) (rows from n0 on
+    are new; those a crashed run left unlabelled are reused), then the labels are written."""
     n1 = n0 + len(labels)
     # Every per-subject array grows together (the log-Jacobian maps of morphometry too, NaN until
     # computed): arrays of different lengths along `subject` would make the group unreadable as a Dataset.
@@ -342,18 +365,20 @@ def preprocess(store: str | Path, p: PreprocessParams = PreprocessParams(), *, w
     if not natives:
         raise EndophenoError(f"{store}: no native {p.modality} volumes (run `endopheno ingest` first)")
     g = open_group(store, MNI) if MNI in root else None
-    if g is None or g.attrs.get("params_digest") != p.digest() or p.modality not in g:
+    # an array missing: a crash while `_create` was building the group
+    if g is None or g.attrs.get("params_digest") != p.digest() or any(name not in g for name in (p.modality, *PER_SUBJECT)):
         if g is not None:
-            log.info("preprocessing parameters changed: rebuilding %s/%s", store, MNI)
+            log.info("preprocessing parameters changed (or the group is incomplete): rebuilding %s/%s", store, MNI)
         g = _create(store, p)
     labels = list(g["subject"][:]) if g["subject"].shape[0] else []
+    if "" in labels:  # rows a crash left unlabelled while they were being added: never processed, so added anew
+        labels = labels[: labels.index("")]
     row_of = {label: i for i, label in enumerate(labels)}
-    done = list(g["source_sha256"][:]) if labels else []
     new = [_row_label(k) for k, _ in natives if _row_label(k) not in row_of]
-    if new:
-        _append_rows(g, p.modality, new)
+    if new or g["subject"].shape[0] != len(labels):
+        _append_rows(g, len(labels), new)
         row_of.update({label: len(labels) + i for i, label in enumerate(new)})
-        done += [""] * len(new)
+    done = list(g["source_sha256"][:]) if row_of else []
     publish(store)  # readers now see every row, processed or not
 
     report = PreprocessReport()
@@ -379,9 +404,10 @@ def preprocess(store: str | Path, p: PreprocessParams = PreprocessParams(), *, w
     for task, result in map_items(_preprocess_task, tasks, workers=workers, scheduler=scheduler, label="preprocess"):
         label = label_of[task[2]]
         if isinstance(result, Exception):
-            report.failed.append((label, str(result)))
-            log.warning("subject %s failed: %s", label, result)
-            g["note"][task[2]] = f"failed: {result}"
+            reason = " ".join(str(result).split())  # one line: ITK's messages span several
+            report.failed.append((label, reason))
+            log.warning("subject %s failed: %s", label, reason)
+            g["note"][task[2]] = f"failed: {reason}"
             continue
         report.processed.append(label)
         if result["qc_correlation"] < p.qc_min_correlation:

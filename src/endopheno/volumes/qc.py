@@ -33,7 +33,8 @@ def qc_table(ds: xr.Dataset) -> pd.DataFrame:
     template_mm3 = float(np.asarray(ds["brain_mask"].values, dtype=bool).sum()) * abs(np.linalg.det(affine[:3, :3]))
     linear = np.asarray(ds["template_to_native"].values)[:, :3, :3]
     done = np.array([bool(s) for s in ds["source_sha256"].values.tolist()])
-    etiv = np.where(done, template_mm3 * np.abs(np.linalg.det(linear)), np.nan)
+    etiv = np.full(len(done), np.nan)
+    etiv[done] = template_mm3 * np.abs(np.linalg.det(linear[done]))  # (a row not done is NaN: no det of it)
     return pd.DataFrame({
         "subject": [str(s) for s in ds["subject"].values], "qc_correlation": ds["qc_correlation"].values.round(4),
         "qc_pass": ds["qc_pass"].values, "note": [str(s) for s in ds["note"].values], "etiv_mm3": etiv.round(1),
@@ -42,14 +43,22 @@ def qc_table(ds: xr.Dataset) -> pd.DataFrame:
 
 def montage(ds: xr.Dataset, out: str | Path, modality: str = "T1w", n: int = 12) -> Path:
     """Mid axial, coronal and sagittal slices of `n` subjects (the worst QC first, then evenly spread),
-    with the template's brain outline on top, so misregistration shows as a shifted contour."""
+    with the template's brain outline on top, so misregistration shows as a shifted contour. With no
+    preprocessed subject (every one failed) the figure says so."""
     corr = ds["qc_correlation"].values
     done = np.flatnonzero(np.isfinite(corr))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if done.size == 0:
-        raise ValueError("no preprocessed subject to show")
+        fig = plt.figure(figsize=(6.0, 1.0))
+        fig.text(0.5, 0.5, f"no {modality} volume preprocessed yet ({ds.sizes['subject']} subjects, none done)", ha="center", va="center")
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        return out
     order = done[np.argsort(corr[done])]
     worst = list(order[: max(1, n // 3)])
-    rest = [i for i in order[np.linspace(0, len(order) - 1, n).astype(int)] if i not in worst]
+    spread = dict.fromkeys(order[np.linspace(0, len(order) - 1, n).astype(int)].tolist())  # fewer subjects than n: repeats
+    rest = [i for i in spread if i not in worst]
     picks = (worst + rest)[:n]
     mask = ds["brain_mask"].values.astype(float)
     mid = [s // 2 for s in mask.shape]
@@ -69,8 +78,6 @@ def montage(ds: xr.Dataset, out: str | Path, modality: str = "T1w", n: int = 12)
             if row == 0:
                 ax.set_title(name, fontsize=8)
     fig.suptitle(f"{modality} in MNI space, template brain outline in red", fontsize=9)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

@@ -201,7 +201,9 @@ def read_native(store: str | Path, subject_id: str, modality: str = "T1w", sessi
 
 def image_from(arr: zarr.Array) -> nib.Nifti1Image:
     """Rebuild the NIfTI image of a native volume array: the original file's header bytes followed by
-    the stored voxels, so the image (and the file `to_bytes` writes) is the one that was ingested."""
+    the stored voxels, so the image (header, affine, voxels) is the one that was ingested. The file
+    `to_bytes` writes is nibabel's re-encoding of it: for scaled data nibabel computes new
+    scl_slope/scl_inter, so the bytes (and the voxels, by rounding) can differ from the ingested file."""
     attrs = arr.attrs
     klass = getattr(nib, attrs["nifti_class"])
     header_bytes = base64.b64decode(attrs["nifti_header"])
