@@ -131,8 +131,10 @@ def test_kill_minus_nine_mid_preprocess(ingested_store, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Kill once the rows exist (metadata consolidated) and at least one subject is being written.
     deadline = time.time() + 120
-    while time.time() < deadline and len(list((store / "mni" / "T1w" / "c").glob("*"))) < 1:
+    while time.time() < deadline and proc.poll() is None and len(list((store / "mni" / "T1w" / "c").glob("*"))) < 1:
         time.sleep(0.01)
+    assert proc.poll() is None, f"preprocess exited ({proc.returncode}) before it could be killed mid-run"
+    assert list((store / "mni" / "T1w" / "c").glob("*")), "no subject written within 120 s"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     ds = xr.open_zarr(store, group="mni")  # readable
